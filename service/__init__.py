@@ -1,0 +1,1 @@
+"""k5serve gateway and the job contract shared with workers."""

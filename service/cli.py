@@ -1,0 +1,95 @@
+"""The `k5serve` command: gateway, worker, the whole local stack, and the tiny test checkpoints.
+
+This is the composition root: the worker and tiny-model commands import the `worker` package lazily, so the
+gateway (and an install without torch) never loads torch or diffusers.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from service.logs import setup_logging
+from service.settings import Settings
+
+
+def _settings() -> Settings:
+    settings = Settings()
+    setup_logging(settings.log_level, settings.log_format)
+    return settings
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """k5serve: Kandinsky 5.0 video generation as an OpenAI-videos-compatible service."""
+
+
+@main.command()
+def gateway() -> None:
+    """Run the HTTP gateway (K5_HOST:K5_PORT)."""
+    import uvicorn
+
+    from service.app import create_app
+
+    settings = _settings()
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_config=None,
+                proxy_headers=True, timeout_graceful_shutdown=10)
+
+
+@main.command()
+def worker() -> None:
+    """Run a GPU worker for the model in K5_MODEL (loads and warms it, then takes jobs one at a time)."""
+    from worker.main import run
+
+    run(_settings())
+
+
+@main.command("tiny-model")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--seed", default=0, show_default=True, help="Seed of the random weights.")
+def tiny_model(directory: Path, seed: int) -> None:
+    """Build the tiny random-weight checkpoints into DIRECTORY/t2v and DIRECTORY/i2v."""
+    from worker.tiny import save_tiny_models
+
+    for path in save_tiny_models(directory, seed=seed).values():
+        click.echo(str(path))
+
+
+@main.command()
+@click.option("--s3", is_flag=True, help="Store videos in a local SeaweedFS S3 endpoint instead of a directory.")
+@click.option("--state-dir", default=".k5", show_default=True, type=click.Path(path_type=Path),
+              help="Where the local stack keeps its data and the tiny checkpoints.")
+def dev(s3: bool, state_dir: Path) -> None:
+    """Run everything locally: Redis, storage, the gateway and workers (tiny models unless K5_MODEL is set)."""
+    from service.dev import run_dev
+
+    sys.exit(run_dev(_settings(), state_dir.absolute(), use_s3=s3))
+
+
+@main.command()
+@click.argument("output", type=click.Path(dir_okay=False, path_type=Path), required=False)
+def openapi(output: Path | None) -> None:
+    """Write the gateway's OpenAPI document as YAML (to OUTPUT or stdout)."""
+    from service.openapi import openapi_yaml
+
+    text = openapi_yaml()
+    if output is None:
+        click.echo(text, nl=False)
+    else:
+        output.write_text(text)
+
+
+@main.command()
+@click.argument("model")
+def resolve(model: str) -> None:
+    """Show the spec a worker would serve for MODEL (catalogue id, hub repo id or local directory)."""
+    from service.models import resolve_model
+
+    click.echo(json.dumps(resolve_model(model).model_dump(), indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,245 @@
+"""Job records and their state transitions in Redis; enqueueing on RQ; the registry of online models.
+
+Redis keys:
+  k5:video:<id>        the job record (JSON), the source of truth for the video object
+  k5:videos            sorted set of video ids by creation time (listing)
+  k5:spec:<model>      the last ModelSpec a worker announced for <model>
+  k5:workers:<model>   sorted set worker name -> last heartbeat (unix seconds)
+RQ queue per model: the queue's name is the model id, so each worker pool takes only its model's jobs.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from typing import Any
+
+import redis
+from rq import Queue
+
+from service.models import ModelSpec, find_spec, parse_size
+from service.schemas import MAX_SEED, TERMINAL, Video, VideoCreate, VideoError
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+JOB_FUNC = "worker.runner.run_job"
+
+# Forward moves only; a status may repeat itself (progress updates) but terminal states never change.
+_NEXT: dict[str, frozenset[str]] = {
+    "queued": frozenset({"queued", "in_progress", "failed"}),
+    "in_progress": frozenset({"in_progress", "completed", "failed"}),
+}
+
+
+class RequestRejected(ValueError):
+    """A request that cannot become a job; the gateway turns it into a 4xx envelope."""
+
+    def __init__(self, message: str, *, param: str | None = None, code: str = "invalid_value", status: int = 400):
+        super().__init__(message)
+        self.message, self.param, self.code, self.status = message, param, code, status
+
+
+class JobRecord(Video):
+    """The video object plus what the worker needs and clients never see."""
+
+    width: int
+    height: int
+    num_frames: int
+    fps: int
+    task: str
+    input_key: str | None = None
+    worker: str | None = None
+
+    def public(self) -> Video:
+        return Video.model_validate(self.model_dump(include=set(Video.model_fields)))
+
+
+def connect_redis(settings: Settings) -> redis.Redis:
+    # Bytes, not str: RQ keeps pickled job data in the same database.
+    return redis.Redis.from_url(
+        settings.redis_url, socket_timeout=5, socket_connect_timeout=2, health_check_interval=30
+    )
+
+
+def new_video_id() -> str:
+    # Time-ordered (hex nanoseconds, fixed width) so ids sort by creation, plus 64 random bits.
+    return f"video_{time.time_ns():016x}{secrets.token_hex(8)}"
+
+
+def video_key(video_id: str) -> str:
+    return f"k5:video:{video_id}"
+
+
+def asset_key(video_id: str, name: str) -> str:
+    return f"{video_id}/{name}"
+
+
+def plan_job(req: VideoCreate, spec: ModelSpec, has_image: bool) -> JobRecord:
+    """Check a request against its model and fill in the model's defaults. Raises RequestRejected."""
+    size = req.size or spec.default_size
+    if size not in spec.sizes:
+        raise RequestRejected(
+            f"Invalid size '{size}' for model {spec.id}; supported sizes: {', '.join(spec.sizes)}.", param="size"
+        )
+    seconds = req.seconds or spec.default_seconds
+    if seconds not in spec.seconds:
+        raise RequestRejected(
+            f"Invalid seconds '{seconds}' for model {spec.id}; supported: {', '.join(spec.seconds)}.",
+            param="seconds",
+        )
+    if spec.task == "image-to-video" and not has_image:
+        raise RequestRejected(
+            f"Model {spec.id} is image-to-video and needs input_reference.", param="input_reference", code="missing"
+        )
+    if spec.task == "text-to-video" and has_image:
+        raise RequestRejected(
+            f"Model {spec.id} is text-to-video and takes no input_reference.", param="input_reference"
+        )
+    steps = req.num_inference_steps or spec.steps
+    if steps > spec.max_steps:
+        raise RequestRejected(
+            f"num_inference_steps must be at most {spec.max_steps} for model {spec.id}.",
+            param="num_inference_steps",
+        )
+    width, height = parse_size(size)
+    return JobRecord(
+        id=new_video_id(),
+        model=spec.id,
+        status="queued",
+        progress=0,
+        created_at=int(time.time()),
+        prompt=req.prompt,
+        size=size,
+        seconds=seconds,
+        negative_prompt=req.negative_prompt,
+        seed=req.seed if req.seed is not None else secrets.randbelow(MAX_SEED),
+        num_inference_steps=steps,
+        guidance_scale=req.guidance_scale if req.guidance_scale is not None else spec.guidance,
+        metadata=req.metadata,
+        width=width,
+        height=height,
+        num_frames=spec.frames_for(seconds),
+        fps=spec.fps,
+        task=spec.task,
+    )
+
+
+class JobStore:
+    def __init__(self, r: redis.Redis, settings: Settings) -> None:
+        self.r = r
+        self.settings = settings
+
+    # -- jobs ---------------------------------------------------------------------------------------------
+
+    def queue(self, model: str) -> Queue:
+        return Queue(name=model, connection=self.r)
+
+    def create(self, rec: JobRecord) -> None:
+        """Store the record and enqueue its job in one transaction: both happen or neither."""
+        with self.r.pipeline() as pipe:
+            pipe.multi()
+            pipe.set(video_key(rec.id), rec.model_dump_json())
+            pipe.zadd("k5:videos", {rec.id: rec.created_at})
+            self.queue(rec.model).enqueue_call(
+                JOB_FUNC,
+                args=(rec.id,),
+                job_id=rec.id,
+                timeout=self.settings.job_timeout_s,
+                # The job record is the result; RQ's own copy is not needed.
+                result_ttl=0,
+                failure_ttl=7 * 86400,
+                description=f"video {rec.id}",
+                pipeline=pipe,
+            )
+            pipe.execute()
+        log.info("queued", extra={"video_id": rec.id, "model": rec.model})
+
+    def get(self, video_id: str) -> JobRecord | None:
+        raw = self.r.get(video_key(video_id))
+        return JobRecord.model_validate_json(raw) if raw else None
+
+    def update(self, video_id: str, status: str | None = None, **changes: Any) -> JobRecord | None:
+        """Apply one guarded transition. Returns the new record, or None when the record is gone or terminal.
+
+        Progress only grows; a terminal status is final; a move that is not forward raises ValueError.
+        """
+        key = video_key(video_id)
+        with self.r.pipeline() as pipe:
+            while True:
+                try:
+                    pipe.watch(key)
+                    raw = pipe.get(key)
+                    if raw is None:
+                        return None
+                    rec = JobRecord.model_validate_json(raw)
+                    if rec.status in TERMINAL:
+                        return None
+                    new_status = status or rec.status
+                    if new_status not in _NEXT[rec.status]:
+                        raise ValueError(f"{video_id}: {rec.status} -> {new_status} is not allowed")
+                    if "progress" in changes:
+                        changes["progress"] = max(rec.progress, min(100, int(changes["progress"])))
+                    if "error" in changes and isinstance(changes["error"], dict):
+                        changes["error"] = VideoError(**changes["error"])
+                    new = rec.model_copy(update={**changes, "status": new_status})
+                    pipe.multi()
+                    pipe.set(key, new.model_dump_json(), keepttl=True)
+                    if new_status in TERMINAL and new_status != rec.status:
+                        # Keep the record a week past its assets so clients can still see what happened.
+                        pipe.expire(key, self.settings.asset_ttl_s + 7 * 86400)
+                    pipe.execute()
+                    return new
+                except redis.WatchError:
+                    continue
+
+    # -- models and workers --------------------------------------------------------------------------------
+
+    def announce(self, spec: ModelSpec, worker: str) -> None:
+        """A worker's heartbeat: its model is online while beats keep coming."""
+        now = time.time()
+        with self.r.pipeline() as pipe:
+            pipe.set(f"k5:spec:{spec.id}", spec.model_dump_json())
+            pipe.sadd("k5:models", spec.id)
+            pipe.zadd(f"k5:workers:{spec.id}", {worker: now})
+            pipe.zremrangebyscore(f"k5:workers:{spec.id}", "-inf", now - self._offline_after())
+            pipe.execute()
+
+    def retire(self, spec: ModelSpec, worker: str) -> None:
+        self.r.zrem(f"k5:workers:{spec.id}", worker)
+
+    def _offline_after(self) -> float:
+        return 3 * self.settings.heartbeat_s + 5
+
+    def workers_online(self, model: str) -> int:
+        return int(self.r.zcount(f"k5:workers:{model}", time.time() - self._offline_after(), "+inf"))
+
+    def announced_spec(self, model: str) -> ModelSpec | None:
+        raw = self.r.get(f"k5:spec:{model}")
+        return ModelSpec.model_validate_json(raw) if raw else None
+
+    def served_spec(self, model: str) -> ModelSpec | None:
+        """The spec of a model this deployment serves now: a live worker, or declared for scale-to-zero."""
+        if self.workers_online(model) > 0:
+            return self.announced_spec(model)
+        if model in self.settings.served_model_ids:
+            return self.announced_spec(model) or find_spec(model)
+        return None
+
+    def online_models(self) -> list[ModelSpec]:
+        ids = sorted(m.decode() if isinstance(m, bytes) else m for m in self.r.smembers("k5:models"))
+        specs = [self.announced_spec(m) for m in ids if self.workers_online(m) > 0]
+        return [s for s in specs if s is not None]
+
+    def default_model(self) -> str | None:
+        if self.settings.default_model:
+            return self.settings.default_model
+        for spec in self.online_models():
+            if spec.task == "text-to-video":
+                return spec.id
+        for model in self.settings.served_model_ids:
+            spec = find_spec(model)
+            if spec and spec.task == "text-to-video":
+                return model
+        return None

@@ -1,0 +1,181 @@
+"""The model catalogue: public model ids -> checkpoint, sizes, durations, steps and guidance.
+
+A `ModelSpec` is what both sides need to know about a model. The gateway validates requests against it and the
+worker reads it the same way for every model: from this catalogue for the published checkpoints, or from the
+`k5serve.json` file that sits beside a local checkpoint (the tiny test models carry one).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+SPEC_FILE = "k5serve.json"
+
+Task = Literal["text-to-video", "image-to-video"]
+
+
+class ModelSpec(BaseModel):
+    id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+    task: Task
+    # Hub repo id or local directory the worker loads with from_pretrained.
+    source: str
+    # Allowed output sizes as "WxH" (width first, as in the OpenAI API); the first is the default.
+    sizes: list[str] = Field(min_length=1)
+    # Allowed durations: seconds (a string, as in the OpenAI API) -> frame count (4k+1, see REFERENCE).
+    seconds: dict[str, int] = Field(min_length=1)
+    default_seconds: str
+    fps: int = 24
+    steps: int = Field(ge=1)
+    max_steps: int = Field(100, ge=1)
+    guidance: float = Field(ge=0)
+    # Scheduler shift of the checkpoint, for information; the worker uses the checkpoint's own scheduler config.
+    shift: float | None = None
+    # "nabla" when the checkpoint's transformer uses NABLA sparse attention (needs the flex backend).
+    attention: Literal["dense", "nabla"] = "dense"
+    description: str = ""
+
+    @property
+    def default_size(self) -> str:
+        return self.sizes[0]
+
+    def frames_for(self, seconds: str) -> int:
+        return self.seconds[seconds]
+
+
+def parse_size(size: str) -> tuple[int, int]:
+    """'768x512' -> (width 768, height 512)."""
+    w, _, h = size.partition("x")
+    return int(w), int(h)
+
+
+_SD_SIZES = ["768x512", "512x512", "512x768"]
+_HUB = "kandinskylab/Kandinsky-5.0-{}-Diffusers"
+
+
+def _lite(variant: str, secs: int, steps: int, guidance: float, shift: float) -> ModelSpec:
+    frames = {5: 121, 10: 241}[secs]
+    return ModelSpec(
+        id=f"kandinsky-5.0-t2v-lite-{variant}-{secs}s",
+        task="text-to-video",
+        source=_HUB.format(f"T2V-Lite-{variant}-{secs}s"),
+        sizes=_SD_SIZES,
+        seconds={str(secs): frames},
+        default_seconds=str(secs),
+        steps=steps,
+        guidance=guidance,
+        shift=shift,
+        # Only the 10 s Lite checkpoints ship a NABLA transformer config (P=0.9, wT=11, wH=3, wW=3).
+        attention="nabla" if secs == 10 else "dense",
+        description=f"Kandinsky 5.0 T2V Lite (2B) {variant}, {secs} s",
+    )
+
+
+CATALOGUE: dict[str, ModelSpec] = {
+    spec.id: spec
+    for spec in [
+        *(
+            _lite(variant, secs, steps, guidance, shift)
+            for secs in (5, 10)
+            for variant, steps, guidance, shift in [
+                ("sft", 50, 5.0, 10.0),
+                ("nocfg", 50, 1.0, 10.0),
+                ("distilled16steps", 16, 1.0, 5.0),
+                ("pretrain", 50, 5.0, 10.0),
+            ]
+        ),
+        ModelSpec(
+            id="kandinsky-5.0-t2v-pro-sft-5s",
+            task="text-to-video",
+            source=_HUB.format("T2V-Pro-sft-5s"),
+            sizes=_SD_SIZES,
+            seconds={"5": 121},
+            default_seconds="5",
+            steps=50,
+            guidance=5.0,
+            shift=10.0,
+            description="Kandinsky 5.0 T2V Pro (19B) sft, 5 s",
+        ),
+        ModelSpec(
+            id="kandinsky-5.0-i2v-pro-sft-5s",
+            task="image-to-video",
+            source=_HUB.format("I2V-Pro-sft-5s"),
+            sizes=_SD_SIZES,
+            seconds={"5": 121},
+            default_seconds="5",
+            steps=50,
+            guidance=5.0,
+            shift=10.0,
+            description="Kandinsky 5.0 I2V Pro (19B) sft, 5 s",
+        ),
+    ]
+}
+
+# The tiny random-weight checkpoints built by `k5serve tiny-model`: real diffusers classes, seconds of CPU time.
+# Their sizes mirror the published buckets at 1/8 scale; 25 frames is the shortest I2V-safe length (>= 17).
+TINY: dict[str, ModelSpec] = {
+    spec.id: spec
+    for spec in [
+        ModelSpec(
+            id=f"k5-tiny-{short}",
+            task=task,
+            source=f"k5-tiny-{short}",
+            sizes=["96x64", "64x64", "64x96"],
+            seconds={"1": 25, "2": 49},
+            default_seconds="1",
+            steps=4,
+            max_steps=50,
+            guidance=5.0,
+            shift=10.0,
+            description=f"Tiny random-weight Kandinsky 5 {task} model for tests and local development",
+        )
+        for short, task in [("t2v", "text-to-video"), ("i2v", "image-to-video")]
+    ]
+}
+
+
+def find_spec(model: str) -> ModelSpec | None:
+    """The catalogue entry for a public id or a hub repo id, if any."""
+    if model in CATALOGUE:
+        return CATALOGUE[model]
+    if model in TINY:
+        return TINY[model]
+    for spec in CATALOGUE.values():
+        if spec.source.lower() == model.lower():
+            return spec
+    return None
+
+
+class UnknownModelError(ValueError):
+    pass
+
+
+def resolve_model(model: str) -> ModelSpec:
+    """What a worker configured with K5_MODEL serves.
+
+    Accepts a catalogue id, a hub repo id of a catalogued checkpoint, or a local diffusers directory: one that
+    carries a k5serve.json, or a downloaded published checkpoint whose directory name is its repo name.
+    """
+    path = Path(model).expanduser()
+    if path.is_dir():
+        spec_file = path / SPEC_FILE
+        if spec_file.is_file():
+            spec = ModelSpec.model_validate(json.loads(spec_file.read_text()))
+            return spec.model_copy(update={"source": str(path.resolve())})
+        for spec in CATALOGUE.values():
+            if spec.source.split("/")[-1].lower() == path.resolve().name.lower():
+                return spec.model_copy(update={"source": str(path.resolve())})
+        raise UnknownModelError(
+            f"{path} has no {SPEC_FILE} and its name matches no catalogued checkpoint; "
+            f"add a {SPEC_FILE} describing its sizes, durations, steps and guidance"
+        )
+    spec = find_spec(model)
+    if spec is None or spec.id in TINY:
+        raise UnknownModelError(
+            f"unknown model {model!r}: use a catalogue id ({', '.join(sorted(CATALOGUE))}), "
+            "a catalogued hub repo id, or a local diffusers directory"
+        )
+    return spec

@@ -1,0 +1,111 @@
+"""The API models: the request a client sends, the video object it gets back, the error envelope.
+
+Field names follow OpenAI's /v1/videos so that apps and the official SDK work unchanged; k5serve's own
+fields are extensions that the SDK ignores. Limits that do not depend on the model live here in Field(...);
+the ones that do (sizes, durations, step counts) are checked against the model's spec in jobs.py.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+Status = Literal["queued", "in_progress", "completed", "failed"]
+TERMINAL: frozenset[str] = frozenset({"completed", "failed"})
+
+MAX_PROMPT_CHARS = 32_000
+MAX_SEED = 2**63 - 1
+
+MetadataKey = Annotated[str, StringConstraints(min_length=1, max_length=64)]
+MetadataValue = Annotated[str, StringConstraints(max_length=512)]
+
+
+class InputReference(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    image_url: str = Field(
+        description="The first frame as a data URL (data:image/png;base64,...). PNG, JPEG or WebP.",
+    )
+
+
+class VideoCreate(BaseModel):
+    """POST /v1/videos."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS, description="What the video shows.")
+    model: str | None = Field(None, description="Model id; the deployment's default text-to-video model if unset.")
+    size: str | None = Field(
+        None,
+        pattern=r"^[0-9]{1,5}x[0-9]{1,5}$",
+        description="Output size as WIDTHxHEIGHT, one of the model's sizes; the model's default if unset.",
+    )
+    seconds: str | None = Field(
+        None, pattern=r"^[0-9]{1,3}$", description="Duration in seconds, one of the model's durations."
+    )
+    input_reference: InputReference | None = Field(
+        None, description="Image-to-video only: the image the video starts from."
+    )
+    negative_prompt: str | None = Field(
+        None,
+        max_length=MAX_PROMPT_CHARS,
+        description="k5serve extension: what to steer away from (used when guidance_scale > 1).",
+    )
+    seed: int | None = Field(
+        None, ge=0, le=MAX_SEED, description="k5serve extension: the same seed and request give the same video."
+    )
+    num_inference_steps: int | None = Field(
+        None, ge=1, description="k5serve extension: denoising steps, up to the model's max_steps."
+    )
+    guidance_scale: float | None = Field(
+        None, ge=0.0, le=20.0, description="k5serve extension: classifier-free guidance; <= 1 disables it."
+    )
+    metadata: dict[MetadataKey, MetadataValue] | None = Field(
+        None, max_length=16, description="k5serve extension: up to 16 string pairs, returned on the video."
+    )
+
+
+class VideoError(BaseModel):
+    code: str
+    message: str
+
+
+class Video(BaseModel):
+    """The video object. The first 13 fields are OpenAI's and are always present (null where unknown)."""
+
+    id: str
+    object: Literal["video"] = "video"
+    model: str
+    status: Status
+    progress: int = Field(ge=0, le=100)
+    created_at: int
+    completed_at: int | None = None
+    expires_at: int | None = None
+    prompt: str | None = None
+    size: str
+    seconds: str
+    remixed_from_video_id: str | None = None
+    error: VideoError | None = None
+    # k5serve extensions.
+    negative_prompt: str | None = Field(None, description="The negative prompt used, if any.")
+    seed: int = Field(description="The seed used (chosen by the server when the request had none).")
+    num_inference_steps: int
+    guidance_scale: float
+    metadata: dict[str, str] | None = None
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+class HealthStatus(BaseModel):
+    status: Literal["ok", "unavailable"]
+    checks: dict[str, str] = Field(default_factory=dict)

@@ -1,0 +1,81 @@
+"""The one settings object of k5serve, read from K5_* environment variables and validated at start-up."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlparse
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="K5_", extra="ignore")
+
+    # Gateway bind address.
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    # Public base URL of the gateway, used for links it hands out; derived from host/port when unset.
+    public_url: str | None = None
+
+    redis_url: str = "redis://127.0.0.1:6379/0"
+
+    # Where videos go: "s3://bucket/prefix" (any S3-compatible endpoint) or "file:///abs/dir" (one machine).
+    storage_url: str = "file://" + str(Path(".k5/data").absolute())
+    # Endpoint of an S3-compatible store (SeaweedFS, MinIO, R2...); unset means AWS. Credentials come from the
+    # standard AWS chain (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, ~/.aws, instance roles).
+    s3_endpoint_url: str | None = None
+    s3_region: str = "us-east-1"
+    # Lifetime of a presigned download URL handed out by /content redirects.
+    presign_ttl_s: int = Field(3600, ge=60, le=7 * 86400)
+    # How long finished videos are kept; the video object's expires_at is completed_at + this.
+    asset_ttl_s: int = Field(7 * 86400, ge=60)
+
+    # What a worker serves: a catalogue id, a hub repo id, or a local diffusers directory.
+    model: str | None = None
+    # The model a request without `model` goes to; unset means the one text-to-video model that is online.
+    default_model: str | None = None
+    # Comma-separated model ids the gateway accepts even while no worker for them is online (scale-to-zero).
+    served_models: str = ""
+    # Torch device and weight dtype of the worker ("auto": cuda + bfloat16 when available, else cpu + float32).
+    device: str = "auto"
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    # Local directory for hub downloads (the model cache volume in Kubernetes).
+    hf_cache_dir: str | None = None
+    # Upper bound of one job's run time on a worker, after which RQ kills it.
+    job_timeout_s: int = Field(3 * 3600, ge=10)
+    # Seconds between a worker's liveness heartbeats in Redis; a worker is offline after 3 missed beats.
+    heartbeat_s: float = Field(5.0, gt=0)
+    # Name of this worker in Redis and logs; defaults to host + pid.
+    worker_name: str | None = None
+
+    # Upper bound of an uploaded image (input_reference) in bytes and in pixels (decompression bombs).
+    max_image_bytes: int = Field(20 * 1024 * 1024, ge=1024)
+    max_image_pixels: int = Field(40_000_000, ge=1024)
+
+    log_level: str = "INFO"
+    # "json" for one JSON object per line (production), "text" for people.
+    log_format: Literal["json", "text"] = "text"
+
+    @field_validator("storage_url")
+    @classmethod
+    def _check_storage_url(cls, v: str) -> str:
+        parsed = urlparse(v)
+        if parsed.scheme == "s3":
+            if not parsed.netloc:
+                raise ValueError("s3 storage URL needs a bucket: s3://bucket/prefix")
+        elif parsed.scheme == "file":
+            if not parsed.path.startswith("/"):
+                raise ValueError("file storage URL needs an absolute path: file:///abs/dir")
+        else:
+            raise ValueError("storage URL must be s3://bucket/prefix or file:///abs/dir")
+        return v
+
+    @property
+    def served_model_ids(self) -> list[str]:
+        return [m.strip() for m in self.served_models.split(",") if m.strip()]
+
+    @property
+    def base_url(self) -> str:
+        return (self.public_url or f"http://{self.host}:{self.port}").rstrip("/")
