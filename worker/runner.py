@@ -1,0 +1,132 @@
+"""One job: status -> generate -> encode -> upload -> done.
+
+`run_job` is what RQ calls (by name, so the gateway never imports this module). It runs inside the worker
+process that holds the warm pipeline, set once by `configure`.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+from service.jobs import JobRecord, JobStore, asset_key
+from service.storage import Storage, StorageError
+from service.videos import VARIANTS
+from worker import encode
+from worker.pipeline import GenerationError, GenerationRequest, VideoPipeline
+
+log = logging.getLogger(__name__)
+
+# Progress (0-100) at the start of each phase; denoising steps fill the range between its start and the next.
+PHASE = {"text_encode": 1, "denoise": 5, "decode": 90, "encode": 93, "upload": 97}
+
+
+@dataclass
+class WorkerContext:
+    store: JobStore
+    storage: Storage
+    pipeline: VideoPipeline
+    worker_name: str
+    asset_ttl_s: int
+
+
+_ctx: WorkerContext | None = None
+
+
+def configure(ctx: WorkerContext) -> None:
+    global _ctx
+    _ctx = ctx
+
+
+def run_job(video_id: str) -> None:
+    """RQ entry point. Never raises for a job's own failure: the job record carries it."""
+    if _ctx is None:
+        raise RuntimeError("worker.runner.configure() was not called: run jobs with `k5serve worker`")
+    JobRun(_ctx, video_id).run()
+
+
+class JobRun:
+    def __init__(self, ctx: WorkerContext, video_id: str) -> None:
+        self.ctx = ctx
+        self.video_id = video_id
+        self.log = logging.LoggerAdapter(log, {"video_id": video_id})
+
+    def run(self) -> None:
+        store = self.ctx.store
+        rec = store.update(self.video_id, "in_progress", progress=PHASE["text_encode"], worker=self.ctx.worker_name)
+        if rec is None:
+            self.log.info("job skipped: record gone or already final")
+            return
+        t0 = time.perf_counter()
+        try:
+            self._run(rec)
+        except Exception as e:  # the job's boundary: any failure ends the job, never the worker
+            code, message = classify(e)
+            self.log.exception("job failed", extra={"code": code})
+            store.update(self.video_id, "failed", error={"code": code, "message": message})
+            return
+        self.log.info("job completed", extra={"seconds": round(time.perf_counter() - t0, 3)})
+
+    def _run(self, rec: JobRecord) -> None:
+        store, storage = self.ctx.store, self.ctx.storage
+        image = None
+        if rec.input_key:
+            image = Image.open(io.BytesIO(storage.get_bytes(rec.input_key))).convert("RGB")
+        req = GenerationRequest(
+            prompt=rec.prompt or "",
+            negative_prompt=rec.negative_prompt,
+            width=rec.width,
+            height=rec.height,
+            num_frames=rec.num_frames,
+            num_inference_steps=rec.num_inference_steps,
+            guidance_scale=rec.guidance_scale,
+            seed=rec.seed,
+            image=image,
+        )
+        span = PHASE["decode"] - PHASE["denoise"]
+
+        def on_step(done: int, total: int) -> None:
+            store.update(self.video_id, progress=PHASE["denoise"] + span * done // max(total, 1))
+
+        t = time.perf_counter()
+        frames = self.ctx.pipeline.generate(req, on_step)
+        self.log.info("generated", extra={"seconds": round(time.perf_counter() - t, 3), "frames": len(frames)})
+
+        store.update(self.video_id, progress=PHASE["encode"])
+        with tempfile.TemporaryDirectory(prefix="k5-") as tmp:
+            files = {
+                "video": Path(tmp) / VARIANTS["video"][0],
+                "thumbnail": Path(tmp) / VARIANTS["thumbnail"][0],
+                "spritesheet": Path(tmp) / VARIANTS["spritesheet"][0],
+            }
+            encode.write_mp4(frames, files["video"], fps=rec.fps)
+            encode.write_thumbnail(frames, files["thumbnail"])
+            encode.write_spritesheet(frames, files["spritesheet"])
+            store.update(self.video_id, progress=PHASE["upload"])
+            # The video goes last: a completed record implies every variant is there.
+            for variant in ("thumbnail", "spritesheet", "video"):
+                name, media_type = VARIANTS[variant]
+                storage.put_file(asset_key(rec.id, name), files[variant], media_type)
+        now = int(time.time())
+        store.update(
+            self.video_id, "completed", progress=100, completed_at=now, expires_at=now + self.ctx.asset_ttl_s
+        )
+
+
+def classify(e: Exception) -> tuple[str, str]:
+    """An error code and a message a client can act on."""
+    import torch
+
+    if isinstance(e, torch.cuda.OutOfMemoryError):
+        return "out_of_memory", "The GPU ran out of memory; try a smaller size or a shorter video."
+    if isinstance(e, StorageError):
+        return "storage_error", "The video could not be stored; try again."
+    if isinstance(e, GenerationError):
+        return "generation_error", f"Generation failed: {e}."
+    return "generation_error", f"Generation failed: {type(e).__name__}: {e}"
