@@ -1,0 +1,163 @@
+"""Real parts at the edges: a redis-server and a SeaweedFS S3 endpoint on free loopback ports, the tiny
+Kandinsky 5 checkpoints built once per session, and the service's own processes started as in production."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+
+from service.jobs import JobStore
+from service.localstack import RedisServer, SeaweedS3, free_port, stop_process
+from service.models import resolve_model
+from service.settings import Settings
+from service.storage import S3Storage
+
+ROOT = Path(__file__).resolve().parents[1]
+BUCKET = "k5test"
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory) -> Iterator[SeaweedS3]:
+    server = SeaweedS3(tmp_path_factory.mktemp("s3")).start()
+    os.environ.update(server.env)  # boto3 in this process finds the credentials the standard way
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    from worker.tiny import save_tiny_models
+
+    return save_tiny_models(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture
+def r(redis_server) -> Iterator[redis.Redis]:
+    """A clean Redis database for one test (db 1; the session stack lives in db 0)."""
+    conn = redis.Redis.from_url(redis_server.url.replace("/0", "/1"))
+    conn.flushdb()
+    yield conn
+    conn.flushdb()
+
+
+@pytest.fixture
+def s3_settings(s3_server, tmp_path) -> Settings:
+    settings = Settings(
+        storage_url=f"s3://{BUCKET}/t-{tmp_path.name}", s3_endpoint_url=s3_server.endpoint, heartbeat_s=1
+    )
+    S3Storage(BUCKET, "", settings).ensure_bucket()
+    return settings
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen
+    log: Path
+
+    def tail(self, n: int = 40) -> str:
+        lines = self.log.read_text(errors="replace").splitlines()
+        return f"--- {self.name} ({self.log}) ---\n" + "\n".join(lines[-n:])
+
+
+@dataclass
+class Stack:
+    """Gateway + one worker per tiny model, real processes against real Redis and S3."""
+
+    base_url: str
+    env: dict[str, str]
+    store: JobStore
+    procs: list[Proc] = field(default_factory=list)
+
+    def client(self) -> httpx.Client:
+        return httpx.Client(base_url=self.base_url, timeout=30)
+
+    def logs(self) -> str:
+        return "\n".join(p.tail() for p in self.procs)
+
+    def wait(self, video_id: str, timeout: float = 120) -> dict:
+        """Poll until the video is terminal; returns the last video object."""
+        deadline = time.monotonic() + timeout
+        with self.client() as c:
+            while time.monotonic() < deadline:
+                body = c.get(f"/v1/videos/{video_id}").json()
+                if body["status"] in ("completed", "failed"):
+                    return body
+                time.sleep(0.2)
+        raise AssertionError(f"video {video_id} not terminal after {timeout}s\n{self.logs()}")
+
+
+def start_service(command: str, env: dict[str, str], logdir: Path, name: str) -> Proc:
+    log = logdir / f"{name}.log"
+    popen = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", command], env=env, cwd=ROOT,
+        stdout=log.open("wb"), stderr=subprocess.STDOUT,
+    )
+    return Proc(name, popen, log)
+
+
+def wait_ready(stack: Stack, models: list[str], timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for p in stack.procs:
+            if p.popen.poll() is not None:
+                raise RuntimeError(f"{p.name} exited with {p.popen.returncode}\n{p.tail()}")
+        try:
+            ready = httpx.get(stack.base_url + "/readyz", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            ready = False
+        if ready and all(stack.store.workers_online(m) for m in models):
+            return
+        time.sleep(0.3)
+    raise RuntimeError(f"stack not ready after {timeout}s\n{stack.logs()}")
+
+
+@pytest.fixture(scope="session")
+def stack(redis_server, s3_server, tiny_models, tmp_path_factory) -> Iterator[Stack]:
+    logdir = tmp_path_factory.mktemp("logs")
+    port = free_port()
+    env = {
+        **os.environ,
+        **s3_server.env,
+        "K5_HOST": "127.0.0.1",
+        "K5_PORT": str(port),
+        "K5_REDIS_URL": redis_server.url,
+        "K5_STORAGE_URL": f"s3://{BUCKET}/videos",
+        "K5_S3_ENDPOINT_URL": s3_server.endpoint,
+        "K5_HEARTBEAT_S": "1",
+        "K5_ALLOW_ANONYMOUS": "true",
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONUNBUFFERED": "1",
+    }
+    settings = Settings(redis_url=redis_server.url, storage_url=env["K5_STORAGE_URL"],
+                        s3_endpoint_url=s3_server.endpoint, heartbeat_s=1)
+    S3Storage(BUCKET, "", settings).ensure_bucket()
+    store = JobStore(redis.Redis.from_url(redis_server.url), settings)
+    st = Stack(f"http://127.0.0.1:{port}", env, store)
+    models = []
+    for task, path in tiny_models.items():
+        st.procs.append(start_service("worker", {**env, "K5_MODEL": str(path)}, logdir, f"worker-{task}"))
+        models.append(resolve_model(str(path)).id)
+    st.procs.append(start_service("gateway", env, logdir, "gateway"))
+    try:
+        wait_ready(st, models)
+        yield st
+    finally:
+        for p in reversed(st.procs):
+            stop_process(p.popen, timeout=20)
