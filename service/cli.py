@@ -35,8 +35,14 @@ def gateway() -> None:
     from service.app import create_app
 
     settings = _settings()
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_config=None,
-                proxy_headers=True, timeout_graceful_shutdown=10)
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        proxy_headers=True,
+        timeout_graceful_shutdown=10,
+    )
 
 
 @main.command()
@@ -59,11 +65,18 @@ def tiny_model(directory: Path, seed: int) -> None:
 
 
 @main.command()
-@click.option("--s3", is_flag=True, help="Store videos in a local SeaweedFS S3 endpoint instead of a directory.")
-@click.option("--state-dir", default=".k5", show_default=True, type=click.Path(path_type=Path),
-              help="Where the local stack keeps its data and the tiny checkpoints.")
+@click.option(
+    "--s3", is_flag=True, help="Store videos in a local SeaweedFS S3 endpoint instead of a directory."
+)
+@click.option(
+    "--state-dir",
+    default=".k5",
+    show_default=True,
+    type=click.Path(path_type=Path),
+    help="Where the local stack keeps its data and the tiny checkpoints.",
+)
 def dev(s3: bool, state_dir: Path) -> None:
-    """Run everything locally: Redis, storage, the gateway and workers (tiny models unless K5_MODEL is set)."""
+    """Run everything locally: Redis, storage, gateway, workers (tiny models unless K5_MODEL is set)."""
     from service.dev import run_dev
 
     sys.exit(run_dev(_settings(), state_dir.absolute(), use_s3=s3))

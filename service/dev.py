@@ -82,7 +82,7 @@ def _interrupt(*_: object) -> None:
 
 
 def _wait_ready(settings: Settings, env: dict[str, str], model_ids: list[str], children: list) -> None:
-    
+
     store = JobStore(connect_redis(Settings(redis_url=env["K5_REDIS_URL"])), settings)
     url = f"http://{settings.host}:{settings.port}/readyz"
     deadline = time.monotonic() + 600

@@ -39,7 +39,9 @@ def prepare_image(
     """Validate an uploaded image and return it as a PNG of exactly width x height."""
     if len(data) > max_bytes:
         raise RequestRejected(
-            f"The image is {len(data)} bytes; the limit is {max_bytes}.", param=param, code="image_too_large",
+            f"The image is {len(data)} bytes; the limit is {max_bytes}.",
+            param=param,
+            code="image_too_large",
             status=413,
         )
     try:

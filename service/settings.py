@@ -38,7 +38,7 @@ class Settings(BaseSettings):
     default_model: str | None = None
     # Comma-separated model ids the gateway accepts even while no worker for them is online (scale-to-zero).
     served_models: str = ""
-    # Torch device and weight dtype of the worker ("auto": cuda + bfloat16 when available, else cpu + float32).
+    # Worker device and weight dtype ("auto": cuda + bfloat16 when available, else cpu + float32).
     device: str = "auto"
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     # Local directory for hub downloads (the model cache volume in Kubernetes).

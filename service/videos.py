@@ -36,7 +36,9 @@ def submit(
     model = req.model or store.default_model()
     if model is None:
         raise RequestRejected(
-            "No model given and no text-to-video model is being served.", param="model", code="model_not_found",
+            "No model given and no text-to-video model is being served.",
+            param="model",
+            code="model_not_found",
             status=404,
         )
     spec = store.served_spec(model)
@@ -97,6 +99,9 @@ def locate_content(rec: JobRecord, variant: str, storage: Storage) -> Content:
     path = storage.local_path(key)
     if path is None:
         raise RequestRejected(
-            f"The {variant} of video {rec.id} is no longer stored.", param="variant", code="asset_gone", status=410
+            f"The {variant} of video {rec.id} is no longer stored.",
+            param="variant",
+            code="asset_gone",
+            status=410,
         )
     return Content(media_type, filename, path=path)

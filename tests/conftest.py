@@ -106,8 +106,11 @@ class Stack:
 def start_service(command: str, env: dict[str, str], logdir: Path, name: str) -> Proc:
     log = logdir / f"{name}.log"
     popen = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", command], env=env, cwd=ROOT,
-        stdout=log.open("wb"), stderr=subprocess.STDOUT,
+        [sys.executable, "-m", "service.cli", command],
+        env=env,
+        cwd=ROOT,
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
     )
     return Proc(name, popen, log)
 
@@ -145,8 +148,12 @@ def stack(redis_server, s3_server, tiny_models, tmp_path_factory) -> Iterator[St
         "HF_HUB_OFFLINE": "1",
         "PYTHONUNBUFFERED": "1",
     }
-    settings = Settings(redis_url=redis_server.url, storage_url=env["K5_STORAGE_URL"],
-                        s3_endpoint_url=s3_server.endpoint, heartbeat_s=1)
+    settings = Settings(
+        redis_url=redis_server.url,
+        storage_url=env["K5_STORAGE_URL"],
+        s3_endpoint_url=s3_server.endpoint,
+        heartbeat_s=1,
+    )
     S3Storage(BUCKET, "", settings).ensure_bucket()
     store = JobStore(redis.Redis.from_url(redis_server.url), settings)
     st = Stack(f"http://127.0.0.1:{port}", env, store)

@@ -20,8 +20,9 @@ from tests.test_e2e import decode_mp4
 
 
 def curl(*args: str) -> bytes:
-    return subprocess.run(["curl", "-sS", "--fail-with-body", *args], capture_output=True, check=True,
-                          timeout=30).stdout
+    return subprocess.run(
+        ["curl", "-sS", "--fail-with-body", *args], capture_output=True, check=True, timeout=30
+    ).stdout
 
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
@@ -30,9 +31,14 @@ def test_dev_stack_serves_the_readme_example(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("K5_")}
     env.update(K5_HOST="127.0.0.1", K5_PORT=str(port), PYTHONUNBUFFERED="1")
     log = tmp_path / "dev.log"
-    proc = subprocess.Popen([sys.executable, "-m", "service.cli", "dev", "--state-dir", str(tmp_path / "k5")],
-                            env=env, cwd=ROOT, stdout=log.open("wb"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "dev", "--state-dir", str(tmp_path / "k5")],
+        env=env,
+        cwd=ROOT,
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 240
         while "k5serve is ready" not in log.read_text(errors="replace"):
@@ -44,8 +50,15 @@ def test_dev_stack_serves_the_readme_example(tmp_path):
         assert f"curl -s {base}/v1/videos" in banner
 
         # The README's commands, with curl.
-        video = json.loads(curl(f"{base}/v1/videos", "-H", "Content-Type: application/json",
-                                "-d", '{"prompt": "a red fox running through fresh snow", "seed": 42}'))
+        video = json.loads(
+            curl(
+                f"{base}/v1/videos",
+                "-H",
+                "Content-Type: application/json",
+                "-d",
+                '{"prompt": "a red fox running through fresh snow", "seed": 42}',
+            )
+        )
         while video["status"] not in ("completed", "failed"):
             time.sleep(0.3)
             video = json.loads(curl(f"{base}/v1/videos/{video['id']}"))

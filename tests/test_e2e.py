@@ -15,8 +15,11 @@ from PIL import Image
 def decode_mp4(data: bytes) -> tuple[np.ndarray, dict]:
     with av.open(io.BytesIO(data)) as container:
         stream = container.streams.video[0]
-        info = {"codec": stream.codec_context.name, "pix_fmt": stream.codec_context.pix_fmt,
-                "fps": float(stream.average_rate)}
+        info = {
+            "codec": stream.codec_context.name,
+            "pix_fmt": stream.codec_context.pix_fmt,
+            "fps": float(stream.average_rate),
+        }
         frames = np.stack([f.to_ndarray(format="rgb24") for f in container.decode(stream)])
     return frames, info
 
@@ -40,8 +43,10 @@ def generate(stack, body: dict) -> tuple[dict, bytes]:
 
 
 def test_text_to_video_produces_the_requested_mp4(stack):
-    video, mp4 = generate(stack, {"prompt": "a red fox running through fresh snow", "seed": 1234,
-                                  "size": "96x64", "seconds": "1"})
+    video, mp4 = generate(
+        stack,
+        {"prompt": "a red fox running through fresh snow", "seed": 1234, "size": "96x64", "seconds": "1"},
+    )
     assert video["progress"] == 100 and video["error"] is None
     assert video["completed_at"] >= video["created_at"]
     assert video["expires_at"] > video["completed_at"]
@@ -71,17 +76,27 @@ def test_image_to_video_from_a_data_url(stack):
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-    video, mp4 = generate(stack, {"prompt": "the flag waves in the wind", "model": "k5-tiny-i2v",
-                                  "size": "64x96", "seconds": "1", "seed": 5,
-                                  "input_reference": {"image_url": url}})
+    video, mp4 = generate(
+        stack,
+        {
+            "prompt": "the flag waves in the wind",
+            "model": "k5-tiny-i2v",
+            "size": "64x96",
+            "seconds": "1",
+            "seed": 5,
+            "input_reference": {"image_url": url},
+        },
+    )
     assert video["model"] == "k5-tiny-i2v"
     frames, _ = decode_mp4(mp4)
     assert frames.shape == (25, 96, 64, 3)
     assert len({f.tobytes() for f in frames}) > 1
 
 
-@pytest.mark.parametrize(("variant", "fmt", "media_type"),
-                         [("thumbnail", "WEBP", "image/webp"), ("spritesheet", "JPEG", "image/jpeg")])
+@pytest.mark.parametrize(
+    ("variant", "fmt", "media_type"),
+    [("thumbnail", "WEBP", "image/webp"), ("spritesheet", "JPEG", "image/jpeg")],
+)
 def test_thumbnail_and_spritesheet(stack, variant, fmt, media_type):
     with stack.client() as c:
         video = c.post("/v1/videos", json={"prompt": "a blue bird", "size": "96x64"}).json()
@@ -98,8 +113,9 @@ def test_thumbnail_and_spritesheet(stack, variant, fmt, media_type):
 
 def test_progress_is_reported_while_running(stack):
     with stack.client() as c:
-        video = c.post("/v1/videos", json={"prompt": "slow clouds", "num_inference_steps": 30,
-                                           "seconds": "2"}).json()
+        video = c.post(
+            "/v1/videos", json={"prompt": "slow clouds", "num_inference_steps": 30, "seconds": "2"}
+        ).json()
         seen = []
         while True:
             body = c.get(f"/v1/videos/{video['id']}").json()

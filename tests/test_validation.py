@@ -72,15 +72,40 @@ BAD_REQUESTS = [
     # Text-to-video refuses an image; image-to-video needs one, and a valid one.
     ({"prompt": "a cat", "input_reference": {"image_url": png_data_url()}}, "input_reference", 400),
     ({"prompt": "a cat", "model": "k5-tiny-i2v"}, "input_reference", 400),
-    ({"prompt": "a cat", "model": "k5-tiny-i2v", "input_reference": {"image_url": "http://x/y.png"}},
-     "input_reference.image_url", 400),
-    ({"prompt": "a cat", "model": "k5-tiny-i2v", "input_reference": {"image_url": "data:image/png;base64,!!"}},
-     "input_reference.image_url", 400),
-    ({"prompt": "a cat", "model": "k5-tiny-i2v",
-      "input_reference": {"image_url": "data:image/png;base64," + base64.b64encode(b"not an image").decode()}},
-     "input_reference", 400),
-    ({"prompt": "a cat", "model": "k5-tiny-i2v", "input_reference": {"image_url": png_data_url(fmt="GIF")}},
-     "input_reference", 400),
+    (
+        {"prompt": "a cat", "model": "k5-tiny-i2v", "input_reference": {"image_url": "http://x/y.png"}},
+        "input_reference.image_url",
+        400,
+    ),
+    (
+        {
+            "prompt": "a cat",
+            "model": "k5-tiny-i2v",
+            "input_reference": {"image_url": "data:image/png;base64,!!"},
+        },
+        "input_reference.image_url",
+        400,
+    ),
+    (
+        {
+            "prompt": "a cat",
+            "model": "k5-tiny-i2v",
+            "input_reference": {
+                "image_url": "data:image/png;base64," + base64.b64encode(b"not an image").decode()
+            },
+        },
+        "input_reference",
+        400,
+    ),
+    (
+        {
+            "prompt": "a cat",
+            "model": "k5-tiny-i2v",
+            "input_reference": {"image_url": png_data_url(fmt="GIF")},
+        },
+        "input_reference",
+        400,
+    ),
 ]
 
 
@@ -108,8 +133,9 @@ def test_decompression_bomb_is_refused(client):
     buf = io.BytesIO()
     Image.new("1", (20000, 20000)).save(buf, format="PNG")
     url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-    resp = client.post("/v1/videos", json={"prompt": "a cat", "model": "k5-tiny-i2v",
-                                           "input_reference": {"image_url": url}})
+    resp = client.post(
+        "/v1/videos", json={"prompt": "a cat", "model": "k5-tiny-i2v", "input_reference": {"image_url": url}}
+    )
     assert resp.status_code == 400
     assert resp.json()["error"]["code"] == "image_too_large"
     assert_nothing_queued(client)
@@ -119,8 +145,21 @@ def test_valid_request_is_queued_with_model_defaults(client):
     resp = client.post("/v1/videos", json={"prompt": "a red fox", "metadata": {"user": "42"}})
     assert resp.status_code == 200, resp.text
     video = resp.json()
-    openai_fields = ["id", "object", "model", "status", "progress", "created_at", "completed_at", "expires_at",
-                     "prompt", "size", "seconds", "remixed_from_video_id", "error"]
+    openai_fields = [
+        "id",
+        "object",
+        "model",
+        "status",
+        "progress",
+        "created_at",
+        "completed_at",
+        "expires_at",
+        "prompt",
+        "size",
+        "seconds",
+        "remixed_from_video_id",
+        "error",
+    ]
     assert all(f in video for f in openai_fields)
     assert video["object"] == "video" and video["status"] == "queued" and video["progress"] == 0
     # No model given: the deployment's text-to-video model, with its defaults.
@@ -136,10 +175,15 @@ def test_valid_request_is_queued_with_model_defaults(client):
 
 
 def test_image_is_fitted_to_the_output_size(client):
-    resp = client.post("/v1/videos", json={
-        "prompt": "a cat", "model": "k5-tiny-i2v", "size": "64x96",
-        "input_reference": {"image_url": png_data_url(300, 100, "JPEG")},
-    })
+    resp = client.post(
+        "/v1/videos",
+        json={
+            "prompt": "a cat",
+            "model": "k5-tiny-i2v",
+            "size": "64x96",
+            "input_reference": {"image_url": png_data_url(300, 100, "JPEG")},
+        },
+    )
     assert resp.status_code == 200, resp.text
     rec = client.store.get(resp.json()["id"])
     stored = client.app.state.storage.get_bytes(rec.input_key)

@@ -81,8 +81,13 @@ class VideoPipeline:
             pipe.transformer.set_attention_backend("flex")
         log.info(
             "pipeline loaded",
-            extra={"model": spec.id, "source": spec.source, "device": str(device), "dtype": str(dtype),
-                   "seconds": round(time.perf_counter() - t0, 2)},
+            extra={
+                "model": spec.id,
+                "source": spec.source,
+                "device": str(device),
+                "dtype": str(dtype),
+                "seconds": round(time.perf_counter() - t0, 2),
+            },
         )
         return cls(pipe, spec, device)
 
@@ -121,12 +126,20 @@ class VideoPipeline:
         """One small generation before taking jobs, so the first job does not pay for lazy initialisation."""
         width, height = parse_size(self.spec.sizes[0])
         frames = min(self.spec.seconds.values())
-        image = Image.new("RGB", (width, height), (128, 96, 64)) if self.spec.task == "image-to-video" else None
+        image = (
+            Image.new("RGB", (width, height), (128, 96, 64)) if self.spec.task == "image-to-video" else None
+        )
         t0 = time.perf_counter()
         self.generate(
             GenerationRequest(
-                prompt="warm-up", width=width, height=height, num_frames=frames, num_inference_steps=1,
-                guidance_scale=self.spec.guidance, seed=0, image=image,
+                prompt="warm-up",
+                width=width,
+                height=height,
+                num_frames=frames,
+                num_inference_steps=1,
+                guidance_scale=self.spec.guidance,
+                seed=0,
+                image=image,
             )
         )
         seconds = time.perf_counter() - t0

@@ -59,7 +59,9 @@ class JobRun:
 
     def run(self) -> None:
         store = self.ctx.store
-        rec = store.update(self.video_id, "in_progress", progress=PHASE["text_encode"], worker=self.ctx.worker_name)
+        rec = store.update(
+            self.video_id, "in_progress", progress=PHASE["text_encode"], worker=self.ctx.worker_name
+        )
         if rec is None:
             self.log.info("job skipped: record gone or already final")
             return
@@ -96,7 +98,9 @@ class JobRun:
 
         t = time.perf_counter()
         frames = self.ctx.pipeline.generate(req, on_step)
-        self.log.info("generated", extra={"seconds": round(time.perf_counter() - t, 3), "frames": len(frames)})
+        self.log.info(
+            "generated", extra={"seconds": round(time.perf_counter() - t, 3), "frames": len(frames)}
+        )
 
         store.update(self.video_id, progress=PHASE["encode"])
         with tempfile.TemporaryDirectory(prefix="k5-") as tmp:

@@ -57,5 +57,9 @@ def download_content(
     if content.url is not None:
         return RedirectResponse(content.url, status_code=302)
     assert content.path is not None
-    return FileResponse(content.path, media_type=content.media_type, filename=content.filename,
-                        content_disposition_type="inline")
+    return FileResponse(
+        content.path,
+        media_type=content.media_type,
+        filename=content.filename,
+        content_disposition_type="inline",
+    )
