@@ -8,8 +8,10 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
 from service import errors
+from service.forms import VideoCreateForm
 from service.jobs import JobStore, connect_redis
-from service.routes import health, videos
+from service.routes import health, models, videos
+from service.schemas import VideoCreate
 from service.settings import Settings
 from service.storage import open_storage
 
@@ -29,6 +31,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     errors.install(app)
     app.include_router(health.router)
     app.include_router(videos.router)
+    app.include_router(models.router)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
 
@@ -38,6 +41,12 @@ def _openapi(app: FastAPI) -> dict:
     envelope instead (as OpenAI does), so the schema says that."""
     if app.openapi_schema is None:
         schema = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
+        # The create route parses its body itself (JSON or multipart); its two schemas are documented here.
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for model in (VideoCreate, VideoCreateForm):
+            body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            components.update(body.pop("$defs", {}))
+            components[model.__name__] = body
         for ops in schema["paths"].values():
             for op in ops.values():
                 op["responses"].pop("422", None)

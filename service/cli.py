@@ -65,9 +65,7 @@ def tiny_model(directory: Path, seed: int) -> None:
 
 
 @main.command()
-@click.option(
-    "--s3", is_flag=True, help="Store videos in a local SeaweedFS S3 endpoint instead of a directory."
-)
+@click.option("--s3", is_flag=True, help="Store videos in a local SeaweedFS S3 endpoint instead of a directory.")
 @click.option(
     "--state-dir",
     default=".k5",

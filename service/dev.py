@@ -90,9 +90,7 @@ def _wait_ready(settings: Settings, env: dict[str, str], model_ids: list[str], c
         if any(p.poll() is not None for p in children):
             raise SystemExit("k5serve dev: a process failed to start (see its log above)")
         with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(url, timeout=2).status_code == 200 and all(
-                store.workers_online(m) > 0 for m in model_ids
-            ):
+            if httpx.get(url, timeout=2).status_code == 200 and all(store.workers_online(m) > 0 for m in model_ids):
                 return
         time.sleep(0.5)
     raise SystemExit("k5serve dev: the stack did not become ready within 10 minutes")

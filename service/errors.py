@@ -97,9 +97,7 @@ def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 def install(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
-        return envelope(
-            exc.status, exc.message, param=exc.param, code=exc.code, type=exc.type, headers=exc.headers
-        )
+        return envelope(exc.status, exc.message, param=exc.param, code=exc.code, type=exc.type, headers=exc.headers)
 
     @app.exception_handler(RequestRejected)
     async def _rejected(_: Request, exc: RequestRejected) -> JSONResponse:

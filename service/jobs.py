@@ -2,7 +2,8 @@
 
 Redis keys:
   k5:video:<id>        the job record (JSON), the source of truth for the video object
-  k5:videos            sorted set of video ids by creation time (listing)
+  k5:videos:<owner>    the owner's video ids, all with score 0 so that ZRANGEBYLEX lists them in id order;
+                       ids are time-ordered, so that is creation order
   k5:spec:<model>      the last ModelSpec a worker announced for <model>
   k5:workers:<model>   sorted set worker name -> last heartbeat (unix seconds)
 RQ queue per model: the queue's name is the model id, so each worker pool takes only its model's jobs.
@@ -18,7 +19,7 @@ from typing import Any
 import redis
 from rq import Queue
 
-from service.models import ModelSpec, find_spec, parse_size
+from service.models import CATALOGUE, ModelSpec, find_spec, parse_size
 from service.schemas import MAX_SEED, TERMINAL, Video, VideoCreate, VideoError
 from service.settings import Settings
 
@@ -36,9 +37,7 @@ _NEXT: dict[str, frozenset[str]] = {
 class RequestRejected(ValueError):
     """A request that cannot become a job; the gateway turns it into a 4xx envelope."""
 
-    def __init__(
-        self, message: str, *, param: str | None = None, code: str = "invalid_value", status: int = 400
-    ):
+    def __init__(self, message: str, *, param: str | None = None, code: str = "invalid_value", status: int = 400):
         super().__init__(message)
         self.message, self.param, self.code, self.status = message, param, code, status
 
@@ -53,6 +52,8 @@ class JobRecord(Video):
     task: str
     input_key: str | None = None
     worker: str | None = None
+    # Whose video this is (an API key's id); a key sees only its own videos.
+    owner: str = "anonymous"
 
     def public(self) -> Video:
         return Video.model_validate(self.model_dump(include=set(Video.model_fields)))
@@ -72,6 +73,10 @@ def new_video_id() -> str:
 
 def video_key(video_id: str) -> str:
     return f"k5:video:{video_id}"
+
+
+def index_key(owner: str) -> str:
+    return f"k5:videos:{owner}"
 
 
 def asset_key(video_id: str, name: str) -> str:
@@ -146,7 +151,7 @@ class JobStore:
         with self.r.pipeline() as pipe:
             pipe.multi()
             pipe.set(video_key(rec.id), rec.model_dump_json())
-            pipe.zadd("k5:videos", {rec.id: rec.created_at})
+            pipe.zadd(index_key(rec.owner), {rec.id: 0})
             self.queue(rec.model).enqueue_call(
                 JOB_FUNC,
                 args=(rec.id,),
@@ -164,6 +169,47 @@ class JobStore:
     def get(self, video_id: str) -> JobRecord | None:
         raw = self.r.get(video_key(video_id))
         return JobRecord.model_validate_json(raw) if raw else None
+
+    def list(
+        self, owner: str, *, after: str | None = None, limit: int = 20, order: str = "desc"
+    ) -> tuple[list[JobRecord], bool]:
+        """One page of an owner's videos after the cursor, newest first by default; and whether more follow."""
+        index = index_key(owner)
+        records: list[JobRecord] = []
+        cursor = after
+        while len(records) <= limit:
+            want = limit + 1 - len(records)
+            if order == "desc":
+                ids = self.r.zrevrangebylex(index, f"({cursor}" if cursor else "+", "-", start=0, num=want)
+            else:
+                ids = self.r.zrangebylex(index, f"({cursor}" if cursor else "-", "+", start=0, num=want)
+            if not ids:
+                break
+            ids = [i.decode() for i in ids]
+            raws = self.r.mget([video_key(i) for i in ids])
+            gone = [i for i, raw in zip(ids, raws, strict=True) if raw is None]
+            if gone:  # records expire on their own; drop their ids from the index as we meet them
+                self.r.zrem(index, *gone)
+            records += [JobRecord.model_validate_json(raw) for raw in raws if raw is not None]
+            cursor = ids[-1]
+        return records[:limit], len(records) > limit
+
+    def cancel(self, video_id: str) -> JobRecord | None:
+        """Stop a job: off the queue if queued; a running one sees its record final at its next step and stops.
+
+        Safe to repeat. Returns the final record, or None if it was already final before this call.
+        """
+        rec = self.update(video_id, "failed", error={"code": "cancelled", "message": "The job was cancelled."})
+        if rec is not None:
+            self.queue(rec.model).remove(video_id)
+            log.info("cancelled", extra={"video_id": video_id})
+        return rec
+
+    def remove(self, rec: JobRecord) -> None:
+        with self.r.pipeline() as pipe:
+            pipe.delete(video_key(rec.id))
+            pipe.zrem(index_key(rec.owner), rec.id)
+            pipe.execute()
 
     def update(self, video_id: str, status: str | None = None, **changes: Any) -> JobRecord | None:
         """Apply one guarded transition. Returns the new record, or None when the record is gone or terminal.
@@ -206,6 +252,7 @@ class JobStore:
         now = time.time()
         with self.r.pipeline() as pipe:
             pipe.set(f"k5:spec:{spec.id}", spec.model_dump_json())
+            pipe.set(f"k5:since:{spec.id}", int(now), nx=True)
             pipe.sadd("k5:models", spec.id)
             pipe.zadd(f"k5:workers:{spec.id}", {worker: now})
             pipe.zremrangebyscore(f"k5:workers:{spec.id}", "-inf", now - self._offline_after())
@@ -232,8 +279,19 @@ class JobStore:
             return self.announced_spec(model) or find_spec(model)
         return None
 
+    def served_since(self, model: str) -> int:
+        """When a worker first served `model` on this deployment (0: never)."""
+        return int(self.r.get(f"k5:since:{model}") or 0)
+
+    def known_models(self) -> list[ModelSpec]:
+        """The catalogue, the declared models and every model a worker has announced, announced specs first."""
+        announced = sorted(m.decode() for m in self.r.smembers("k5:models"))
+        ids = dict.fromkeys([*announced, *self.settings.served_model_ids, *CATALOGUE])
+        specs = [self.announced_spec(m) or find_spec(m) for m in ids]
+        return [s for s in specs if s is not None]
+
     def online_models(self) -> list[ModelSpec]:
-        ids = sorted(m.decode() if isinstance(m, bytes) else m for m in self.r.smembers("k5:models"))
+        ids = sorted(m.decode() for m in self.r.smembers("k5:models"))
         specs = [self.announced_spec(m) for m in ids if self.workers_online(m) > 0]
         return [s for s in specs if s is not None]
 

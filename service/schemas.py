@@ -35,9 +35,7 @@ class VideoCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS, description="What the video shows.")
-    model: str | None = Field(
-        None, description="Model id; the deployment's default text-to-video model if unset."
-    )
+    model: str | None = Field(None, description="Model id; the deployment's default text-to-video model if unset.")
     size: str | None = Field(
         None,
         pattern=r"^[0-9]{1,5}x[0-9]{1,5}$",
@@ -98,6 +96,48 @@ class Video(BaseModel):
     num_inference_steps: int
     guidance_scale: float
     metadata: dict[str, str] | None = None
+
+
+class VideoList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Video]
+    first_id: str | None
+    last_id: str | None
+    has_more: bool
+
+
+class VideoDeleted(BaseModel):
+    id: str
+    object: Literal["video.deleted"] = "video.deleted"
+    deleted: bool = True
+
+
+class ModelObject(BaseModel):
+    """OpenAI's model object plus what a client needs to build a valid request."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(description="When a worker first served this model here (0: never).")
+    owned_by: str
+    task: Literal["text-to-video", "image-to-video"]
+    sizes: list[str] = Field(description="Allowed sizes (WIDTHxHEIGHT); the first is the default.")
+    seconds: list[str] = Field(description="Allowed durations.")
+    default_size: str
+    default_seconds: str
+    num_frames: dict[str, int] = Field(description="Frames of each duration.")
+    fps: int
+    default_num_inference_steps: int
+    max_num_inference_steps: int
+    default_guidance_scale: float
+    attention: Literal["dense", "nabla"]
+    online: bool = Field(description="A worker serving this model is up now.")
+    workers: int = Field(description="Workers serving this model now.")
+    description: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelObject]
 
 
 class ErrorBody(BaseModel):

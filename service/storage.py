@@ -121,9 +121,7 @@ class S3Storage:
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
-            self.client.upload_file(
-                str(path), self.bucket, self._key(key), ExtraArgs={"ContentType": content_type}
-            )
+            self.client.upload_file(str(path), self.bucket, self._key(key), ExtraArgs={"ContentType": content_type})
         except (BotoCoreError, ClientError) as e:
             raise StorageError(f"upload of {key} failed: {e}") from e
 
@@ -131,9 +129,7 @@ class S3Storage:
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
-            self.client.put_object(
-                Bucket=self.bucket, Key=self._key(key), Body=data, ContentType=content_type
-            )
+            self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, ContentType=content_type)
         except (BotoCoreError, ClientError) as e:
             raise StorageError(f"upload of {key} failed: {e}") from e
 

@@ -67,6 +67,27 @@ def submit(
     return rec
 
 
+def cancel(store: JobStore, video_id: str) -> JobRecord:
+    """POST /v1/videos/{id}/cancel: harmless to repeat; a completed video cannot be cancelled."""
+    rec = get_owned(store, video_id)
+    if rec.status == "completed":
+        raise RequestRejected(
+            f"Video {video_id} is already completed; delete it instead.",
+            param="video_id",
+            code="video_completed",
+            status=409,
+        )
+    return store.cancel(video_id) or store.get(video_id) or rec
+
+
+def delete(store: JobStore, storage: Storage, video_id: str) -> None:
+    """DELETE /v1/videos/{id}: cancel it if it is still running, then remove its record and its assets."""
+    rec = get_owned(store, video_id)
+    store.cancel(video_id)
+    storage.delete_prefix(rec.id)
+    store.remove(rec)
+
+
 def get_owned(store: JobStore, video_id: str) -> JobRecord:
     rec = store.get(video_id) if video_id.startswith("video_") else None
     if rec is None:

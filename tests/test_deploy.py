@@ -80,11 +80,7 @@ def test_manifests_validate_and_carry_what_matters(values):
     gateway = deployments["k5-k5serve-gateway"]["spec"]["template"]["spec"]["containers"][0]
     served = next(e["value"] for e in gateway["env"] if e["name"] == "K5_SERVED_MODELS")
     worker_models = [
-        next(
-            e["value"]
-            for e in w["spec"]["template"]["spec"]["containers"][0]["env"]
-            if e["name"] == "K5_MODEL"
-        )
+        next(e["value"] for e in w["spec"]["template"]["spec"]["containers"][0]["env"] if e["name"] == "K5_MODEL")
         for w in workers
     ]
     # The gateway accepts jobs for every pool's model, also while a pool is scaled to zero.

@@ -113,9 +113,7 @@ def test_thumbnail_and_spritesheet(stack, variant, fmt, media_type):
 
 def test_progress_is_reported_while_running(stack):
     with stack.client() as c:
-        video = c.post(
-            "/v1/videos", json={"prompt": "slow clouds", "num_inference_steps": 30, "seconds": "2"}
-        ).json()
+        video = c.post("/v1/videos", json={"prompt": "slow clouds", "num_inference_steps": 30, "seconds": "2"}).json()
         seen = []
         while True:
             body = c.get(f"/v1/videos/{video['id']}").json()

@@ -33,13 +33,9 @@ def test_every_size_is_a_multiple_of_16():
 
 def test_resolve_by_id_repo_and_directory(tmp_path):
     assert (
-        resolve_model("kandinsky-5.0-t2v-lite-sft-5s").source
-        == "kandinskylab/Kandinsky-5.0-T2V-Lite-sft-5s-Diffusers"
+        resolve_model("kandinsky-5.0-t2v-lite-sft-5s").source == "kandinskylab/Kandinsky-5.0-T2V-Lite-sft-5s-Diffusers"
     )
-    assert (
-        resolve_model("kandinskylab/Kandinsky-5.0-T2V-Pro-sft-5s-Diffusers").id
-        == "kandinsky-5.0-t2v-pro-sft-5s"
-    )
+    assert resolve_model("kandinskylab/Kandinsky-5.0-T2V-Pro-sft-5s-Diffusers").id == "kandinsky-5.0-t2v-pro-sft-5s"
     # A downloaded published checkpoint is recognised by its directory name.
     local = tmp_path / "Kandinsky-5.0-T2V-Lite-nocfg-5s-Diffusers"
     local.mkdir()

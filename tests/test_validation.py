@@ -43,7 +43,7 @@ def png_data_url(w: int = 40, h: int = 30, fmt: str = "PNG") -> str:
 
 def assert_nothing_queued(client) -> None:
     r = client.store.r
-    assert r.zcard("k5:videos") == 0
+    assert not list(r.scan_iter("k5:videos:*"))
     for spec in (T2V, I2V):
         assert Queue(spec.id, connection=r).count == 0
     assert not list(r.scan_iter("k5:video:*"))
@@ -90,9 +90,7 @@ BAD_REQUESTS = [
         {
             "prompt": "a cat",
             "model": "k5-tiny-i2v",
-            "input_reference": {
-                "image_url": "data:image/png;base64," + base64.b64encode(b"not an image").decode()
-            },
+            "input_reference": {"image_url": "data:image/png;base64," + base64.b64encode(b"not an image").decode()},
         },
         "input_reference",
         400,

@@ -19,6 +19,7 @@ from worker.pipeline import VideoPipeline
 class FailsOnStep3OfFirstJob:
     def __init__(self, real: VideoPipeline) -> None:
         self.real, self.spec, self.calls = real, real.spec, 0
+        self.release_memory = real.release_memory
 
     def generate(self, req, on_step=None):
         self.calls += 1
@@ -42,9 +43,7 @@ def t2v(tiny_models, s3_settings):
 def test_failed_generation_then_next_job_completes(r, s3_settings, t2v):
     spec, pipeline = t2v
     store, storage = JobStore(r, s3_settings), open_storage(s3_settings)
-    runner.configure(
-        runner.WorkerContext(store, storage, FailsOnStep3OfFirstJob(pipeline), "test-worker", 3600)
-    )
+    runner.configure(runner.WorkerContext(store, storage, FailsOnStep3OfFirstJob(pipeline), "test-worker", 3600))
     first = plan_job(VideoCreate(prompt="a cat", num_inference_steps=5), spec, has_image=False)
     second = plan_job(VideoCreate(prompt="a dog", num_inference_steps=5), spec, has_image=False)
     store.create(first)

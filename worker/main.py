@@ -37,9 +37,7 @@ class Heartbeat(threading.Thread):
 
 def run(settings: Settings) -> None:
     if not settings.model:
-        raise SystemExit(
-            "K5_MODEL is not set: name a catalogue id, a hub repo id or a local checkpoint directory"
-        )
+        raise SystemExit("K5_MODEL is not set: name a catalogue id, a hub repo id or a local checkpoint directory")
     spec = resolve_model(settings.model)
     name = settings.worker_name or f"{socket.gethostname()}-{os.getpid()}"
     r = connect_redis(settings)

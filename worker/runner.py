@@ -27,6 +27,10 @@ log = logging.getLogger(__name__)
 PHASE = {"text_encode": 1, "denoise": 5, "decode": 90, "encode": 93, "upload": 97}
 
 
+class JobCancelled(Exception):
+    """The job's record became final (cancelled or deleted) while it ran."""
+
+
 @dataclass
 class WorkerContext:
     store: JobStore
@@ -59,19 +63,22 @@ class JobRun:
 
     def run(self) -> None:
         store = self.ctx.store
-        rec = store.update(
-            self.video_id, "in_progress", progress=PHASE["text_encode"], worker=self.ctx.worker_name
-        )
+        rec = store.update(self.video_id, "in_progress", progress=PHASE["text_encode"], worker=self.ctx.worker_name)
         if rec is None:
             self.log.info("job skipped: record gone or already final")
             return
         t0 = time.perf_counter()
         try:
             self._run(rec)
+        except JobCancelled:
+            self.log.info("job cancelled while running", extra={"seconds": round(time.perf_counter() - t0, 3)})
+            self.ctx.pipeline.release_memory()
+            return
         except Exception as e:  # the job's boundary: any failure ends the job, never the worker
             code, message = classify(e)
             self.log.exception("job failed", extra={"code": code})
             store.update(self.video_id, "failed", error={"code": code, "message": message})
+            self.ctx.pipeline.release_memory()
             return
         self.log.info("job completed", extra={"seconds": round(time.perf_counter() - t0, 3)})
 
@@ -94,15 +101,14 @@ class JobRun:
         span = PHASE["decode"] - PHASE["denoise"]
 
         def on_step(done: int, total: int) -> None:
-            store.update(self.video_id, progress=PHASE["denoise"] + span * done // max(total, 1))
+            # Every step reads the record: a cancelled or deleted job stops here, within one step.
+            self._progress(PHASE["denoise"] + span * done // max(total, 1))
 
         t = time.perf_counter()
         frames = self.ctx.pipeline.generate(req, on_step)
-        self.log.info(
-            "generated", extra={"seconds": round(time.perf_counter() - t, 3), "frames": len(frames)}
-        )
+        self.log.info("generated", extra={"seconds": round(time.perf_counter() - t, 3), "frames": len(frames)})
 
-        store.update(self.video_id, progress=PHASE["encode"])
+        self._progress(PHASE["encode"])
         with tempfile.TemporaryDirectory(prefix="k5-") as tmp:
             files = {
                 "video": Path(tmp) / VARIANTS["video"][0],
@@ -112,15 +118,23 @@ class JobRun:
             encode.write_mp4(frames, files["video"], fps=rec.fps)
             encode.write_thumbnail(frames, files["thumbnail"])
             encode.write_spritesheet(frames, files["spritesheet"])
-            store.update(self.video_id, progress=PHASE["upload"])
+            self._progress(PHASE["upload"])
             # The video goes last: a completed record implies every variant is there.
             for variant in ("thumbnail", "spritesheet", "video"):
                 name, media_type = VARIANTS[variant]
                 storage.put_file(asset_key(rec.id, name), files[variant], media_type)
         now = int(time.time())
-        store.update(
+        done = store.update(
             self.video_id, "completed", progress=100, completed_at=now, expires_at=now + self.ctx.asset_ttl_s
         )
+        if done is None:
+            # Cancelled or deleted during the upload: leave nothing behind.
+            storage.delete_prefix(rec.id)
+            raise JobCancelled
+
+    def _progress(self, progress: int) -> None:
+        if self.ctx.store.update(self.video_id, progress=progress) is None:
+            raise JobCancelled
 
 
 def classify(e: Exception) -> tuple[str, str]:

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
-from fastapi import APIRouter, Path, Query, Response
+from fastapi import APIRouter, Path, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, RedirectResponse
 
 from service import videos
 from service.deps import SettingsDep, StorageDep, StoreDep
 from service.errors import responses
-from service.schemas import TERMINAL, Video, VideoCreate
+from service.forms import parse_create
+from service.schemas import TERMINAL, Video, VideoDeleted, VideoList
 
 router = APIRouter(prefix="/v1", tags=["videos"])
 
@@ -18,11 +20,44 @@ VideoId = Annotated[str, Path(max_length=100, description="The video's id.")]
 # How long clients should wait between polls of a job that is not finished (the openai SDK reads this).
 POLL_AFTER_MS = "1000"
 
+_CREATE_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": {"$ref": "#/components/schemas/VideoCreate"}},
+            "multipart/form-data": {
+                "schema": {"$ref": "#/components/schemas/VideoCreateForm"},
+                "encoding": {"metadata": {"style": "deepObject", "explode": True}},
+            },
+        },
+    }
+}
 
-@router.post("/videos", response_model=Video, responses=responses(400, 404, 413, 503))
-def create_video(body: VideoCreate, store: StoreDep, storage: StorageDep, settings: SettingsDep) -> Video:
-    """Create a video generation job. The answer is the video object with status `queued`."""
-    return videos.submit(body, store, storage, settings).public()
+
+@router.post("/videos", response_model=Video, responses=responses(400, 404, 413, 415, 503), openapi_extra=_CREATE_BODY)
+async def create_video(request: Request, store: StoreDep, storage: StorageDep, settings: SettingsDep) -> Video:
+    """Create a video generation job (JSON or multipart/form-data). The answer has status `queued`."""
+    body, image = await parse_create(request, settings)
+    rec = await run_in_threadpool(videos.submit, body, store, storage, settings, image)
+    return rec.public()
+
+
+@router.get("/videos", response_model=VideoList, responses=responses(400, 503))
+def list_videos(
+    store: StoreDep,
+    after: Annotated[str | None, Query(max_length=100, description="List videos after this id.")] = None,
+    limit: Annotated[int, Query(ge=1, le=100, description="Page size.")] = 20,
+    order: Annotated[Literal["asc", "desc"], Query(description="By creation time.")] = "desc",
+) -> VideoList:
+    """Your videos, newest first by default, a page at a time (cursor: `after` = the last id you got)."""
+    records, has_more = store.list("anonymous", after=after, limit=limit, order=order)
+    data = [r.public() for r in records]
+    return VideoList(
+        data=data,
+        first_id=data[0].id if data else None,
+        last_id=data[-1].id if data else None,
+        has_more=has_more,
+    )
 
 
 @router.get("/videos/{video_id}", response_model=Video, responses=responses(404, 503))
@@ -32,6 +67,19 @@ def retrieve_video(video_id: VideoId, store: StoreDep, response: Response) -> Vi
     if rec.status not in TERMINAL:
         response.headers["openai-poll-after-ms"] = POLL_AFTER_MS
     return rec.public()
+
+
+@router.delete("/videos/{video_id}", response_model=VideoDeleted, responses=responses(404, 503))
+def delete_video(video_id: VideoId, store: StoreDep, storage: StorageDep) -> VideoDeleted:
+    """Delete a video and its stored files; a job still running is cancelled first."""
+    videos.delete(store, storage, video_id)
+    return VideoDeleted(id=video_id)
+
+
+@router.post("/videos/{video_id}/cancel", response_model=Video, responses=responses(404, 409, 503))
+def cancel_video(video_id: VideoId, store: StoreDep) -> Video:
+    """Cancel a queued or running job: it ends `failed` with error code `cancelled`. Safe to repeat."""
+    return videos.cancel(store, video_id).public()
 
 
 @router.get(
@@ -58,8 +106,5 @@ def download_content(
         return RedirectResponse(content.url, status_code=302)
     assert content.path is not None
     return FileResponse(
-        content.path,
-        media_type=content.media_type,
-        filename=content.filename,
-        content_disposition_type="inline",
+        content.path, media_type=content.media_type, filename=content.filename, content_disposition_type="inline"
     )

@@ -1,0 +1,127 @@
+"""POST /v1/videos bodies: JSON, or multipart/form-data as the official openai SDK always sends.
+
+Both become the same `VideoCreate`. In forms, numbers arrive as strings (pydantic's lax mode converts them),
+nested objects arrive flattened (`metadata[user]`, `input_reference[image_url]`), and `input_reference` may be
+an uploaded file, whose bytes travel beside the model.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, Field, ValidationError
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException
+
+from service.jobs import RequestRejected
+from service.schemas import MAX_PROMPT_CHARS, MAX_SEED, VideoCreate
+from service.settings import Settings
+
+_NESTED = re.compile(r"^([a-z_]+)\[([^\]]*)\]$")
+_MAX_FIELDS = 64
+
+
+class VideoCreateForm(BaseModel):
+    """The multipart/form-data form of VideoCreate (documentation only; parsed by `parse_create`)."""
+
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    model: str | None = None
+    size: str | None = Field(None, pattern=r"^[0-9]{1,5}x[0-9]{1,5}$")
+    seconds: str | None = Field(None, pattern=r"^[0-9]{1,3}$")
+    input_reference: bytes | None = Field(
+        None,
+        json_schema_extra={"format": "binary"},
+        description="Image-to-video: the first frame as a PNG, JPEG or WebP file. "
+        "Alternatively a field input_reference[image_url] with a data URL.",
+    )
+    negative_prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    num_inference_steps: int | None = Field(None, ge=1)
+    guidance_scale: float | None = Field(None, ge=0.0, le=20.0)
+    metadata: dict[str, str] | None = Field(
+        None, description="Up to 16 pairs, sent as fields metadata[KEY]=VALUE.", max_length=16
+    )
+
+
+def body_limit(settings: Settings) -> int:
+    # An image as base64 is 4/3 of its size; the rest of a request is small.
+    return settings.max_image_bytes * 4 // 3 + 256 * 1024
+
+
+async def parse_create(request: Request, settings: Settings) -> tuple[VideoCreate, bytes | None]:
+    limit = body_limit(settings)
+    length = request.headers.get("content-length")
+    if length and length.isdigit() and int(length) > limit:
+        raise RequestRejected(
+            f"The request body is {length} bytes; the limit is {limit}.", code="body_too_large", status=413
+        )
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype == "application/json":
+        body = await request.body()
+        if len(body) > limit:
+            raise RequestRejected("The request body is too large.", code="body_too_large", status=413)
+        try:
+            data = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise RequestRejected("The request body is not valid JSON.", code="invalid_json") from e
+        if not isinstance(data, dict):
+            raise RequestRejected("The request body must be a JSON object.", code="invalid_json")
+        return _validate(data), None
+    if ctype in ("multipart/form-data", "application/x-www-form-urlencoded"):
+        return await _parse_form(request, settings, limit)
+    raise RequestRejected(
+        "Send the request as application/json or multipart/form-data.",
+        code="unsupported_media_type",
+        status=415,
+    )
+
+
+async def _parse_form(request: Request, settings: Settings, limit: int) -> tuple[VideoCreate, bytes | None]:
+    try:
+        form = await request.form(max_files=1, max_fields=_MAX_FIELDS, max_part_size=limit)
+    except MultiPartException as e:
+        raise RequestRejected(f"Malformed multipart body: {e.message}", code="invalid_multipart") from e
+    data: dict[str, object] = {}
+    image: bytes | None = None
+    try:
+        for key, value in form.multi_items():
+            if isinstance(value, UploadFile):
+                if key != "input_reference":
+                    raise RequestRejected(f"Unexpected file field '{key}'.", param=key)
+                image = await value.read(settings.max_image_bytes + 1)
+                if len(image) > settings.max_image_bytes:
+                    raise RequestRejected(
+                        f"The image is larger than {settings.max_image_bytes} bytes.",
+                        param="input_reference",
+                        code="image_too_large",
+                        status=413,
+                    )
+                continue
+            nested = _NESTED.match(key)
+            if nested:
+                outer, inner = nested.groups()
+                sub = data.setdefault(outer, {})
+                if not isinstance(sub, dict):
+                    raise RequestRejected(f"'{outer}' is given twice.", param=outer)
+                sub[inner] = value
+            elif key == "input_reference":
+                # A plain string in place of a file: a data URL, as in JSON's input_reference.image_url.
+                data[key] = {"image_url": value}
+            elif value != "" or key == "prompt":
+                # An empty optional form field means "not given".
+                data[key] = value
+    finally:
+        await form.close()
+    return _validate(data), image
+
+
+def _validate(data: dict) -> VideoCreate:
+    try:
+        return VideoCreate.model_validate(data)
+    except ValidationError as e:
+        raise RequestValidationError(
+            [{**err, "loc": ("body", *err["loc"])} for err in e.errors(include_url=False)]
+        ) from e
