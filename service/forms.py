@@ -14,6 +14,7 @@ from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, Field, ValidationError
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
 
 from service.jobs import RequestRejected
@@ -84,6 +85,8 @@ async def _parse_form(request: Request, settings: Settings, limit: int) -> tuple
         form = await request.form(max_files=1, max_fields=_MAX_FIELDS, max_part_size=limit)
     except MultiPartException as e:
         raise RequestRejected(f"Malformed multipart body: {e.message}", code="invalid_multipart") from e
+    except HTTPException as e:  # Starlette wraps multipart parse errors in a 400 of its own
+        raise RequestRejected(f"Malformed form body: {e.detail}", code="invalid_multipart") from e
     data: dict[str, object] = {}
     image: bytes | None = None
     try:

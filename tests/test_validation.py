@@ -205,3 +205,75 @@ def test_model_without_worker_is_refused(client):
     assert resp.status_code == 404
     assert resp.json()["error"]["code"] == "model_not_found"
     assert "k5-tiny-t2v" in resp.json()["error"]["message"]
+
+
+def test_multipart_form_fields_become_the_same_request(client):
+    png = base64.b64decode(png_data_url().split(",", 1)[1])
+    resp = client.post(
+        "/v1/videos",
+        data={
+            "prompt": "a cat",
+            "model": "k5-tiny-i2v",
+            "seed": "12",
+            "guidance_scale": "3.5",
+            "size": "",
+            "metadata[user]": "bob",
+            "metadata[tag]": "x",
+        },
+        files={"input_reference": ("a.png", png, "image/png")},
+    )
+    assert resp.status_code == 200, resp.text
+    video = resp.json()
+    assert video["seed"] == 12 and video["guidance_scale"] == 3.5 and video["size"] == I2V.default_size
+    assert video["metadata"] == {"user": "bob", "tag": "x"}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "status", "param", "code"),
+    [
+        ({"data": {"prompt": "a cat", "seed": "abc"}}, 400, "seed", "invalid_value"),
+        ({"data": {"prompt": ""}}, 400, "prompt", "invalid_value"),
+        (
+            {"data": {"prompt": "a cat"}, "files": {"other": ("a.png", b"x", "image/png")}},
+            400,
+            "other",
+            "invalid_value",
+        ),
+        ({"content": b"prompt=a+cat", "headers": {"Content-Type": "text/plain"}}, 415, None, "unsupported_media_type"),
+        ({"content": b"[1, 2]", "headers": {"Content-Type": "application/json"}}, 400, None, "invalid_json"),
+        # Starlette reads a truncated multipart body as an empty form: the prompt is missing.
+        (
+            {"content": b"--x\r\nbroken", "headers": {"Content-Type": "multipart/form-data; boundary=x"}},
+            400,
+            "prompt",
+            "invalid_value",
+        ),
+        (
+            {"data": {f"metadata[k{i}]": "v" for i in range(70)}, "files": {"input_reference": ("a", b"x", "a/b")}},
+            400,
+            None,
+            "invalid_multipart",
+        ),
+    ],
+    ids=[
+        "seed-not-a-number",
+        "empty-prompt",
+        "unexpected-file",
+        "text-plain",
+        "json-array",
+        "broken-multipart",
+        "too-many-fields",
+    ],
+)
+def test_malformed_bodies_are_4xx_envelopes(client, kwargs, status, param, code):
+    resp = client.post("/v1/videos", **kwargs)
+    assert resp.status_code == status, resp.text
+    assert resp.json()["error"]["param"] == param and resp.json()["error"]["code"] == code
+    assert_nothing_queued(client)
+
+
+def test_oversized_body_is_413(client):
+    limit = client.app.state.settings.max_image_bytes * 4 // 3 + 256 * 1024
+    resp = client.post("/v1/videos", content=b"{" + b" " * limit + b"}", headers={"Content-Type": "application/json"})
+    assert resp.status_code == 413 and resp.json()["error"]["code"] == "body_too_large"
+    assert_nothing_queued(client)

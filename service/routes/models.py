@@ -46,7 +46,7 @@ def list_models(store: StoreDep) -> ModelList:
 
 
 @router.get("/models/{model_id}", response_model=ModelObject, responses=responses(404, 503))
-def retrieve_model(model_id: Annotated[str, Path(max_length=200)], store: StoreDep) -> ModelObject:
+def retrieve_model(model_id: Annotated[str, Path(description="The model id.")], store: StoreDep) -> ModelObject:
     """One model."""
     for spec in store.known_models():
         if spec.id == model_id:

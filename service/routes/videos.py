@@ -16,7 +16,7 @@ from service.schemas import TERMINAL, Video, VideoDeleted, VideoList
 
 router = APIRouter(prefix="/v1", tags=["videos"])
 
-VideoId = Annotated[str, Path(max_length=100, description="The video's id.")]
+VideoId = Annotated[str, Path(description="The video's id.")]
 # How long clients should wait between polls of a job that is not finished (the openai SDK reads this).
 POLL_AFTER_MS = "1000"
 
