@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Awaitable, Callable
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request, Response
 from fastapi.openapi.utils import get_openapi
 
-from service import errors
+from service import errors, metrics
 from service.forms import VideoCreateForm
 from service.jobs import JobStore, connect_redis
 from service.routes import health, models, videos
@@ -29,11 +31,28 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.store = JobStore(connect_redis(settings), settings)
     app.state.storage = open_storage(settings)
     errors.install(app)
+    app.state.queue_metrics = metrics.QueueCollector(app.state.store)
+    app.middleware("http")(_observe)
     app.include_router(health.router)
     app.include_router(videos.router)
     app.include_router(models.router)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
+
+
+async def _observe(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+    """Count and time every request by its route template (never the raw path: ids would explode the labels)."""
+    t0 = time.perf_counter()
+    status = 500
+    try:
+        response = await call_next(request)
+        status = response.status_code
+        return response
+    finally:
+        route = request.scope.get("route")
+        path = getattr(route, "path", "unmatched")
+        metrics.HTTP_REQUESTS.labels(path, request.method, str(status)).inc()
+        metrics.HTTP_LATENCY.labels(path, request.method).observe(time.perf_counter() - t0)
 
 
 def _openapi(app: FastAPI) -> dict:

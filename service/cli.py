@@ -53,6 +53,35 @@ def worker() -> None:
     run(_settings())
 
 
+@main.command()
+def webhooks() -> None:
+    """Deliver signed webhooks from the Redis delivery queue (retries, backoff; run one or more)."""
+    import signal
+
+    from service import metrics
+    from service.deliverer import Deliverer
+    from service.jobs import connect_redis
+
+    settings = _settings()
+    deliverer = Deliverer(settings, connect_redis(settings))
+    metrics.serve(settings.host, settings.metrics_port, lambda: True)
+    # SIGTERM/SIGINT: finish the attempts in flight, then stop; unfinished ones are retried after their lease.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: deliverer.stopped.set())
+    deliverer.run()
+
+
+@main.command()
+@click.argument("video_id")
+def deliveries(video_id: str) -> None:
+    """Show the webhook deliveries of VIDEO_ID: endpoint, state, attempts, last status (for operators)."""
+    from service.jobs import connect_redis
+    from service.webhooks import deliveries_of
+
+    for d in deliveries_of(connect_redis(_settings()), video_id):
+        click.echo(d.model_dump_json(exclude={"body"}))
+
+
 @main.command("tiny-model")
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--seed", default=0, show_default=True, help="Seed of the random weights.")

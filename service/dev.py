@@ -18,9 +18,10 @@ from pathlib import Path
 import httpx
 
 from service.jobs import JobStore, connect_redis
-from service.localstack import RedisServer, SeaweedS3, stop_process
+from service.localstack import RedisServer, SeaweedS3, free_port, stop_process
 from service.models import SPEC_FILE, resolve_model
 from service.settings import Settings
+from service.webhooks import new_secret
 
 
 def _child(command: str, env: dict[str, str]) -> subprocess.Popen:
@@ -55,11 +56,20 @@ def run_dev(settings: Settings, state_dir: Path, use_s3: bool = False) -> int:
             S3Storage("k5serve", "videos", Settings(s3_endpoint_url=s3.endpoint)).ensure_bucket()
         env.setdefault("K5_STORAGE_URL", "file://" + str(state_dir / "data"))
 
+        if "K5_WEBHOOK_SECRET" not in os.environ:
+            # A fresh signing secret per run, printed in the banner so a local receiver can verify.
+            env["K5_WEBHOOK_SECRET"] = new_secret()
+            env.setdefault("K5_WEBHOOK_ALLOWED_HOSTS", "127.0.0.1,::1,localhost")
+
         models = [os.environ["K5_MODEL"]] if os.environ.get("K5_MODEL") else _tiny_models(state_dir, env)
         children: list[subprocess.Popen] = []
         stack.callback(lambda: [stop_process(p, timeout=30) for p in reversed(children)])
+        ports: dict[str, int] = {}
         for model in models:
-            children.append(_child("worker", {**env, "K5_MODEL": model}))
+            ports[f"worker {Path(model).name}"] = port = free_port()
+            children.append(_child("worker", {**env, "K5_MODEL": model, "K5_METRICS_PORT": str(port)}))
+        ports["webhooks"] = port = free_port()
+        children.append(_child("webhooks", {**env, "K5_METRICS_PORT": str(port)}))
         children.append(_child("gateway", env))
 
         # SIGTERM (e.g. from `timeout` or a supervisor) stops the stack like Ctrl-C does.
@@ -67,7 +77,7 @@ def run_dev(settings: Settings, state_dir: Path, use_s3: bool = False) -> int:
         try:
             ids = [resolve_model(m).id for m in models]
             _wait_ready(settings, env, ids, children)
-            _banner(settings, ids)
+            _banner(settings, ids, ports, env["K5_WEBHOOK_SECRET"])
             while all(p.poll() is None for p in children):
                 time.sleep(0.5)
             print("k5serve dev: a process exited; stopping the stack", file=sys.stderr)
@@ -96,11 +106,14 @@ def _wait_ready(settings: Settings, env: dict[str, str], model_ids: list[str], c
     raise SystemExit("k5serve dev: the stack did not become ready within 10 minutes")
 
 
-def _banner(settings: Settings, model_ids: list[str]) -> None:
+def _banner(settings: Settings, model_ids: list[str], ports: dict[str, int], secret: str) -> None:
     base = f"http://{settings.host}:{settings.port}"
+    metrics_urls = ", ".join(f"{name} :{port}" for name, port in ports.items())
     print(
         f"""
 k5serve is ready at {base}  (models: {", ".join(model_ids)}; Ctrl-C stops everything)
+  metrics: {base}/metrics, {metrics_urls}
+  webhook signing secret: {secret}
 
   # create a video
   curl -s {base}/v1/videos -H 'Content-Type: application/json' \\

@@ -11,14 +11,17 @@ RQ queue per model: the queue's name is the model id, so each worker pool takes 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import secrets
 import time
-from typing import Any
+from typing import Any, Literal
 
 import redis
 from rq import Queue
 
+from service import webhooks
 from service.models import CATALOGUE, ModelSpec, find_spec, parse_size
 from service.schemas import MAX_SEED, TERMINAL, Video, VideoCreate, VideoError
 from service.settings import Settings
@@ -26,6 +29,8 @@ from service.settings import Settings
 log = logging.getLogger(__name__)
 
 JOB_FUNC = "worker.runner.run_job"
+# How long an Idempotency-Key keeps pointing at its video.
+IDEMPOTENCY_TTL_S = 24 * 3600
 
 # Forward moves only; a status may repeat itself (progress updates) but terminal states never change.
 _NEXT: dict[str, frozenset[str]] = {
@@ -54,9 +59,20 @@ class JobRecord(Video):
     worker: str | None = None
     # Whose video this is (an API key's id); a key sees only its own videos.
     owner: str = "anonymous"
+    webhook_url: str | None = None
+    started_at: float | None = None
 
-    def public(self) -> Video:
-        return Video.model_validate(self.model_dump(include=set(Video.model_fields)))
+    def public(self, **live: Any) -> Video:
+        return Video.model_validate({**self.model_dump(include=set(Video.model_fields)), **live})
+
+    @property
+    def megavoxels(self) -> float:
+        return self.width * self.height * self.num_frames / 1e6
+
+    @property
+    def cfg_factor(self) -> int:
+        # With guidance > 1 every step runs the transformer twice (cond and uncond).
+        return 2 if self.guidance_scale > 1 else 1
 
 
 def connect_redis(settings: Settings) -> redis.Redis:
@@ -77,6 +93,16 @@ def video_key(video_id: str) -> str:
 
 def index_key(owner: str) -> str:
     return f"k5:videos:{owner}"
+
+
+Variant = Literal["video", "thumbnail", "spritesheet"]
+# Asset name and media type of each downloadable variant, as the worker writes them.
+VARIANTS: dict[str, tuple[str, str]] = {
+    "video": ("video.mp4", "video/mp4"),
+    "thumbnail": ("thumbnail.webp", "image/webp"),
+    "spritesheet": ("spritesheet.jpg", "image/jpeg"),
+}
+INPUT_IMAGE = "input.png"
 
 
 def asset_key(video_id: str, name: str) -> str:
@@ -128,6 +154,7 @@ def plan_job(req: VideoCreate, spec: ModelSpec, has_image: bool) -> JobRecord:
         num_inference_steps=steps,
         guidance_scale=req.guidance_scale if req.guidance_scale is not None else spec.guidance,
         metadata=req.metadata,
+        webhook_url=req.webhook_url,
         width=width,
         height=height,
         num_frames=spec.frames_for(seconds),
@@ -240,10 +267,120 @@ class JobStore:
                     if new_status in TERMINAL and new_status != rec.status:
                         # Keep the record a week past its assets so clients can still see what happened.
                         pipe.expire(key, self.settings.asset_ttl_s + 7 * 86400)
+                        self._queue_webhooks(pipe, new)
                     pipe.execute()
                     return new
                 except redis.WatchError:
                     continue
+
+    # -- idempotency ---------------------------------------------------------------------------------------------
+
+    def claim_idempotency(self, owner: str, key: str, fingerprint: str, video_id: str) -> str | None:
+        """Bind an Idempotency-Key to a new video. Returns None when this call owns the key, else the video id
+        the key already names (same request); raises RequestRejected (409) when the key was used for another."""
+        k = f"k5:idem:{owner}:{hashlib.sha256(key.encode()).hexdigest()}"
+        value = json.dumps({"fingerprint": fingerprint, "video_id": video_id})
+        for _ in range(3):
+            if self.r.set(k, value, nx=True, ex=IDEMPOTENCY_TTL_S):
+                return None
+            raw = self.r.get(k)
+            if raw is None:  # expired between the two calls
+                continue
+            bound = json.loads(raw)
+            if bound["fingerprint"] != fingerprint:
+                raise RequestRejected(
+                    "This Idempotency-Key was already used with a different request.",
+                    param="Idempotency-Key",
+                    code="idempotency_key_reused",
+                    status=409,
+                )
+            return bound["video_id"]
+        raise RequestRejected("Could not claim the Idempotency-Key; retry.", code="conflict", status=409)
+
+    def release_idempotency(self, owner: str, key: str) -> None:
+        self.r.delete(f"k5:idem:{owner}:{hashlib.sha256(key.encode()).hexdigest()}")
+
+    def wait_for(self, video_id: str, timeout_s: float = 10.0) -> JobRecord:
+        """The record of a video another request is creating right now."""
+        deadline = time.monotonic() + timeout_s
+        while (rec := self.get(video_id)) is None:
+            if time.monotonic() > deadline:
+                raise RequestRejected(
+                    "The original request with this Idempotency-Key is still being processed; retry.",
+                    param="Idempotency-Key",
+                    code="idempotency_in_progress",
+                    status=409,
+                )
+            time.sleep(0.05)
+        return rec
+
+    def _queue_webhooks(self, pipe: Any, rec: JobRecord) -> None:
+        """The terminal event goes out in the same transaction as the status: exactly once, never lost."""
+        urls = [u for u in (rec.webhook_url, self.settings.webhook_url) if u]
+        if urls and self.settings.webhook_secret:
+            ttl = int(self.settings.webhook_retry_window_s) + 7 * 86400
+            webhooks.queue_event(pipe, rec.public().model_dump(mode="json"), urls, time.time(), ttl)
+
+    # -- live fields: queue position and estimated completion ------------------------------------------------
+
+    def view(self, rec: JobRecord) -> Video:
+        """The public video object with its live fields filled in."""
+        if rec.status in TERMINAL:
+            return rec.public()
+        timing = self.timing(rec.model)
+        own = self.estimate_s(rec, timing)
+        now = time.time()
+        if rec.status == "in_progress":
+            eta = None if own is None else now + own * (1 - rec.progress / 100)
+            return rec.public(estimated_completion_at=None if eta is None else int(eta))
+        position = self.queue(rec.model).get_job_position(rec.id)
+        workers = self.workers_online(rec.model)
+        eta = None
+        if own is not None and workers and position is not None:
+            # Jobs ahead are assumed to be like this one; running jobs are on average half done.
+            eta = now + (position // workers + 0.5) * own + own
+        return rec.public(queue_position=position, estimated_completion_at=None if eta is None else int(eta))
+
+    def record_timing(self, rec: JobRecord, step_s: float, overhead_s: float) -> None:
+        """A worker's measured seconds per step and per-job overhead, normalised per megavoxel (EWMA)."""
+        sample = {
+            "step": step_s / (rec.megavoxels * rec.cfg_factor),
+            "overhead": overhead_s / rec.megavoxels,
+        }
+        key = f"k5:timing:{rec.model}"
+        old = self.timing(rec.model)
+        new = {k: v if old is None else 0.7 * old[k] + 0.3 * v for k, v in sample.items()}
+        self.r.hset(key, mapping=new)
+
+    def timing(self, model: str) -> dict[str, float] | None:
+        raw = self.r.hgetall(f"k5:timing:{model}")
+        return {k.decode(): float(v) for k, v in raw.items()} if raw else None
+
+    @staticmethod
+    def estimate_s(rec: JobRecord, timing: dict[str, float] | None) -> float | None:
+        if timing is None:
+            return None
+        return rec.megavoxels * (rec.num_inference_steps * rec.cfg_factor * timing["step"] + timing["overhead"])
+
+    def queue_stats(self) -> dict[str, dict[str, float]]:
+        """Per model: queued, in progress, oldest queued age, workers online (for /metrics)."""
+        stats = {}
+        now = time.time()
+        announced = {m.decode() for m in self.r.smembers("k5:models")}
+        for model in sorted(announced | set(self.settings.served_model_ids)):
+            queue = self.queue(model)
+            head = queue.get_job_ids(0, 1)
+            oldest = 0.0
+            if head:
+                rec = self.get(head[0])
+                oldest = now - rec.created_at if rec else 0.0
+            stats[model] = {
+                "queued": queue.count,
+                "in_progress": queue.started_job_registry.count,
+                "oldest_age_s": oldest,
+                "workers": self.workers_online(model),
+            }
+        return stats
 
     # -- models and workers --------------------------------------------------------------------------------
 

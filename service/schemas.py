@@ -67,6 +67,11 @@ class VideoCreate(BaseModel):
     metadata: dict[MetadataKey, MetadataValue] | None = Field(
         None, max_length=16, description="k5serve extension: up to 16 string pairs, returned on the video."
     )
+    webhook_url: str | None = Field(
+        None,
+        max_length=2048,
+        description="k5serve extension: where to POST the signed video.completed / video.failed event.",
+    )
 
 
 class VideoError(BaseModel):
@@ -96,6 +101,11 @@ class Video(BaseModel):
     num_inference_steps: int
     guidance_scale: float
     metadata: dict[str, str] | None = None
+    enhanced_prompt: str | None = Field(None, description="The expanded prompt, when enhance_prompt was used.")
+    queue_position: int | None = Field(None, description="While queued: jobs ahead of this one in its model's queue.")
+    estimated_completion_at: int | None = Field(
+        None, description="While not finished: estimated unix time of completion, from measured step times."
+    )
 
 
 class VideoList(BaseModel):

@@ -54,6 +54,41 @@ class Settings(BaseSettings):
     max_image_bytes: int = Field(20 * 1024 * 1024, ge=1024)
     max_image_pixels: int = Field(40_000_000, ge=1024)
 
+    # -- access (API keys, limits) --------------------------------------------------------------------------
+    # Comma-separated bearer tokens; or a file with one per line (a mounted Secret). Kept hashed in memory.
+    api_keys: str = ""
+    api_keys_file: Path | None = None
+    # Serve without keys when none are configured (local development only; the gateway says so loudly).
+    allow_anonymous: bool = False
+    # Per-key request rate (requests per minute to any /v1 route) and jobs queued or running at once.
+    rate_limit_per_min: int = Field(600, ge=1)
+    max_inflight_per_key: int = Field(16, ge=1)
+    # Per-model cap on queued jobs; beyond it new requests get 429.
+    max_queue_depth: int = Field(1000, ge=1)
+
+    # -- webhooks -----------------------------------------------------------------------------------------
+    # Standard Webhooks signing secret(s), "whsec_<base64>"; several space-separated during a rotation.
+    webhook_secret: str | None = None
+    # Deployment-wide endpoint that receives every event (in addition to a request's webhook_url).
+    webhook_url: str | None = None
+    # Comma-separated hosts or CIDRs that webhooks may reach even though they are private (tests, in-cluster).
+    webhook_allowed_hosts: str = ""
+    # Retry schedule: exponential backoff from webhook_retry_base_s, capped, with jitter, for up to this long.
+    webhook_retry_base_s: float = Field(5.0, gt=0)
+    webhook_retry_max_s: float = Field(3600.0, gt=0)
+    webhook_retry_window_s: float = Field(24 * 3600.0, gt=0)
+    webhook_timeout_s: float = Field(10.0, gt=0)
+
+    # -- workers: recovery and shutdown --------------------------------------------------------------------
+    # Attempts of a job whose worker died (SIGKILL, node loss) before it fails with worker_lost.
+    max_attempts: int = Field(3, ge=1)
+    # On SIGTERM a worker finishes its current job for up to this long, then stops it at a step and requeues it.
+    shutdown_grace_s: float = Field(600.0, ge=0)
+    # Port of the worker's and webhook process's own HTTP server: /metrics, /healthz, /readyz (0 disables).
+    metrics_port: int = Field(9400, ge=0, le=65535)
+
+    # -- worker speed (GPU) --------------------------------------------------------------------------------
+
     log_level: str = "INFO"
     # "json" for one JSON object per line (production), "text" for people.
     log_format: Literal["json", "text"] = "text"

@@ -2,27 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+
+from starlette.concurrency import run_in_threadpool
 
 from service.images import decode_data_url, prepare_image
-from service.jobs import JobRecord, JobStore, RequestRejected, asset_key, plan_job
-from service.schemas import VideoCreate
+from service.jobs import INPUT_IMAGE, VARIANTS, JobRecord, JobStore, RequestRejected, asset_key, plan_job
+from service.schemas import TERMINAL, VideoCreate
 from service.settings import Settings
 from service.storage import Storage
+from service.webhooks import UnsafeURL, URLPolicy
 
 log = logging.getLogger(__name__)
-
-Variant = Literal["video", "thumbnail", "spritesheet"]
-# Asset name and media type of each downloadable variant, as the worker writes them.
-VARIANTS: dict[str, tuple[str, str]] = {
-    "video": ("video.mp4", "video/mp4"),
-    "thumbnail": ("thumbnail.webp", "image/webp"),
-    "spritesheet": ("spritesheet.jpg", "image/jpeg"),
-}
-INPUT_IMAGE = "input.png"
 
 
 class NotFound(LookupError):
@@ -30,9 +27,19 @@ class NotFound(LookupError):
 
 
 def submit(
-    req: VideoCreate, store: JobStore, storage: Storage, settings: Settings, image: bytes | None = None
-) -> JobRecord:
-    """Validate a request against its model, store its input image, record and enqueue the job."""
+    req: VideoCreate,
+    store: JobStore,
+    storage: Storage,
+    settings: Settings,
+    image: bytes | None = None,
+    *,
+    owner: str = "anonymous",
+    idempotency_key: str | None = None,
+) -> tuple[JobRecord, bool]:
+    """Validate a request against its model, store its input image, record and enqueue the job.
+
+    Returns the record and whether it is a replay of an earlier request with the same Idempotency-Key.
+    """
     model = req.model or store.default_model()
     if model is None:
         raise RequestRejected(
@@ -50,21 +57,50 @@ def submit(
             code="model_not_found",
             status=404,
         )
+    if req.webhook_url is not None:
+        check_webhook_url(req.webhook_url, settings)
     if image is None and req.input_reference is not None:
         image = decode_data_url(req.input_reference.image_url)
     rec = plan_job(req, spec, has_image=image is not None)
+    rec.owner = owner
+    if idempotency_key is not None:
+        existing = store.claim_idempotency(owner, idempotency_key, fingerprint(req, image), rec.id)
+        if existing is not None:
+            return store.wait_for(existing), True
+    try:
+        if image is not None:
+            png = prepare_image(
+                image, rec.width, rec.height, max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels
+            )
+            rec.input_key = asset_key(rec.id, INPUT_IMAGE)
+            storage.put_bytes(rec.input_key, png, "image/png")
+        store.create(rec)
+    except BaseException:
+        if idempotency_key is not None:
+            store.release_idempotency(owner, idempotency_key)
+        raise
+    return rec, False
+
+
+def fingerprint(req: VideoCreate, image: bytes | None) -> str:
+    """What makes two requests 'the same' for an Idempotency-Key: every field, and the image's bytes."""
+    h = hashlib.sha256(req.model_dump_json(exclude_none=True).encode())
     if image is not None:
-        png = prepare_image(
-            image,
-            rec.width,
-            rec.height,
-            max_bytes=settings.max_image_bytes,
-            max_pixels=settings.max_image_pixels,
+        h.update(hashlib.sha256(image).digest())
+    return h.hexdigest()
+
+
+def check_webhook_url(url: str, settings: Settings) -> None:
+    if not settings.webhook_secret:
+        raise RequestRejected(
+            "Webhooks are not enabled on this deployment (no signing secret is configured).",
+            param="webhook_url",
+            code="webhooks_disabled",
         )
-        rec.input_key = asset_key(rec.id, INPUT_IMAGE)
-        storage.put_bytes(rec.input_key, png, "image/png")
-    store.create(rec)
-    return rec
+    try:
+        URLPolicy(settings.webhook_allowed_hosts).check(url)
+    except UnsafeURL as e:
+        raise RequestRejected(f"Invalid webhook_url: {e}.", param="webhook_url", code="unsafe_webhook_url") from e
 
 
 def cancel(store: JobStore, video_id: str) -> JobRecord:
@@ -86,6 +122,33 @@ def delete(store: JobStore, storage: Storage, video_id: str) -> None:
     store.cancel(video_id)
     storage.delete_prefix(rec.id)
     store.remove(rec)
+
+
+async def events(
+    store: JobStore, video_id: str, disconnected: Callable[[], Awaitable[bool]], poll_s: float = 0.25
+) -> AsyncIterator[str]:
+    """SSE frames for one video until it is terminal, deleted, or the client goes away.
+
+    Polls the record rather than subscribing: a poll cannot miss an update, and 4 GETs a second per open
+    stream is nothing for Redis.
+    """
+    last_key = None
+    last_sent = time.monotonic()
+    while not await disconnected():
+        rec = await run_in_threadpool(store.get, video_id)
+        if rec is None:
+            return
+        view = await run_in_threadpool(store.view, rec)
+        key = (view.status, view.progress, view.queue_position, view.error)
+        if key != last_key:
+            yield f"event: video\ndata: {view.model_dump_json()}\n\n"
+            last_key, last_sent = key, time.monotonic()
+        elif time.monotonic() - last_sent > 15:
+            yield ": ping\n\n"  # keeps proxies from closing an idle stream
+            last_sent = time.monotonic()
+        if view.status in TERMINAL:
+            return
+        await asyncio.sleep(poll_s)
 
 
 def get_owned(store: JobStore, video_id: str) -> JobRecord:

@@ -3,6 +3,7 @@ Kandinsky 5 checkpoints built once per session, and the service's own processes 
 
 from __future__ import annotations
 
+import base64
 import os
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from service.storage import S3Storage
 
 ROOT = Path(__file__).resolve().parents[1]
 BUCKET = "k5test"
+WEBHOOK_SECRET = "whsec_" + base64.b64encode(b"k5serve-test-webhook-secret-0001").decode()
 
 
 @pytest.fixture(scope="session")
@@ -70,6 +72,7 @@ class Proc:
     name: str
     popen: subprocess.Popen
     log: Path
+    metrics_port: int
 
     def tail(self, n: int = 40) -> str:
         lines = self.log.read_text(errors="replace").splitlines()
@@ -105,14 +108,15 @@ class Stack:
 
 def start_service(command: str, env: dict[str, str], logdir: Path, name: str) -> Proc:
     log = logdir / f"{name}.log"
+    port = free_port()
     popen = subprocess.Popen(
         [sys.executable, "-m", "service.cli", command],
-        env=env,
+        env={**env, "K5_METRICS_PORT": str(port)},
         cwd=ROOT,
         stdout=log.open("wb"),
         stderr=subprocess.STDOUT,
     )
-    return Proc(name, popen, log)
+    return Proc(name, popen, log, port)
 
 
 def wait_ready(stack: Stack, models: list[str], timeout: float = 180) -> None:
@@ -145,6 +149,11 @@ def stack(redis_server, s3_server, tiny_models, tmp_path_factory) -> Iterator[St
         "K5_S3_ENDPOINT_URL": s3_server.endpoint,
         "K5_HEARTBEAT_S": "1",
         "K5_ALLOW_ANONYMOUS": "true",
+        "K5_WEBHOOK_SECRET": WEBHOOK_SECRET,
+        # The tests' webhook receivers listen on loopback, which the URL policy refuses otherwise.
+        "K5_WEBHOOK_ALLOWED_HOSTS": "127.0.0.1",
+        "K5_WEBHOOK_RETRY_BASE_S": "0.2",
+        "K5_WEBHOOK_RETRY_MAX_S": "1",
         "HF_HUB_OFFLINE": "1",
         "PYTHONUNBUFFERED": "1",
     }
@@ -161,6 +170,7 @@ def stack(redis_server, s3_server, tiny_models, tmp_path_factory) -> Iterator[St
     for task, path in tiny_models.items():
         st.procs.append(start_service("worker", {**env, "K5_MODEL": str(path)}, logdir, f"worker-{task}"))
         models.append(resolve_model(str(path)).id)
+    st.procs.append(start_service("webhooks", env, logdir, "webhooks"))
     st.procs.append(start_service("gateway", env, logdir, "gateway"))
     try:
         wait_ready(st, models)

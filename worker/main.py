@@ -9,6 +9,7 @@ import threading
 
 from rq import Queue, SimpleWorker
 
+from service import metrics
 from service.jobs import JobStore, connect_redis
 from service.models import resolve_model
 from service.settings import Settings
@@ -44,12 +45,18 @@ def run(settings: Settings) -> None:
     store = JobStore(r, settings)
     storage = open_storage(settings)
 
+    ready = threading.Event()
+    # Liveness from the start (a model download can take many minutes); readiness once warm and announced.
+    metrics.serve(settings.host, settings.metrics_port, ready.is_set)
+
     # Load and warm before announcing: a worker is only online once it can take a job at full speed.
     pipeline = VideoPipeline.load(settings, spec)
     pipeline.warm()
     runner.configure(runner.WorkerContext(store, storage, pipeline, name, settings.asset_ttl_s))
 
     store.announce(spec, name)
+    metrics.MODEL_READY.labels(spec.id).set(1)
+    ready.set()
     heartbeat = Heartbeat(store, spec, name, settings.heartbeat_s)
     heartbeat.start()
     log.info("worker ready", extra={"model": spec.id, "worker": name})

@@ -15,9 +15,9 @@ from pathlib import Path
 
 from PIL import Image
 
-from service.jobs import JobRecord, JobStore, asset_key
+from service import metrics
+from service.jobs import VARIANTS, JobRecord, JobStore, asset_key
 from service.storage import Storage, StorageError
-from service.videos import VARIANTS
 from worker import encode
 from worker.pipeline import GenerationError, GenerationRequest, VideoPipeline
 
@@ -63,24 +63,34 @@ class JobRun:
 
     def run(self) -> None:
         store = self.ctx.store
-        rec = store.update(self.video_id, "in_progress", progress=PHASE["text_encode"], worker=self.ctx.worker_name)
+        started = time.time()
+        rec = store.update(
+            self.video_id, "in_progress", progress=PHASE["text_encode"], worker=self.ctx.worker_name, started_at=started
+        )
         if rec is None:
             self.log.info("job skipped: record gone or already final")
             return
+        model = rec.model
+        metrics.PHASE_SECONDS.labels(model, "queue_wait").observe(max(0.0, started - rec.created_at))
         t0 = time.perf_counter()
         try:
             self._run(rec)
         except JobCancelled:
             self.log.info("job cancelled while running", extra={"seconds": round(time.perf_counter() - t0, 3)})
+            metrics.JOBS.labels(model, "cancelled").inc()
             self.ctx.pipeline.release_memory()
             return
         except Exception as e:  # the job's boundary: any failure ends the job, never the worker
             code, message = classify(e)
             self.log.exception("job failed", extra={"code": code})
             store.update(self.video_id, "failed", error={"code": code, "message": message})
+            metrics.JOBS.labels(model, "failed").inc()
+            metrics.FAILURES.labels(model, code).inc()
             self.ctx.pipeline.release_memory()
             return
-        self.log.info("job completed", extra={"seconds": round(time.perf_counter() - t0, 3)})
+        seconds = time.perf_counter() - t0
+        metrics.JOBS.labels(model, "completed").inc()
+        self.log.info("job completed", extra={"seconds": round(seconds, 3)})
 
     def _run(self, rec: JobRecord) -> None:
         store, storage = self.ctx.store, self.ctx.storage
@@ -104,11 +114,14 @@ class JobRun:
             # Every step reads the record: a cancelled or deleted job stops here, within one step.
             self._progress(PHASE["denoise"] + span * done // max(total, 1))
 
-        t = time.perf_counter()
+        t_job = time.perf_counter()
         frames = self.ctx.pipeline.generate(req, on_step)
-        self.log.info("generated", extra={"seconds": round(time.perf_counter() - t, 3), "frames": len(frames)})
+        generate_s = time.perf_counter() - t_job
+        stats = self._observe_generation(rec, generate_s)
+        self.log.info("generated", extra={"seconds": round(generate_s, 3), "frames": len(frames), **stats})
 
         self._progress(PHASE["encode"])
+        t = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="k5-") as tmp:
             files = {
                 "video": Path(tmp) / VARIANTS["video"][0],
@@ -118,11 +131,18 @@ class JobRun:
             encode.write_mp4(frames, files["video"], fps=rec.fps)
             encode.write_thumbnail(frames, files["thumbnail"])
             encode.write_spritesheet(frames, files["spritesheet"])
+            metrics.PHASE_SECONDS.labels(rec.model, "encode").observe(time.perf_counter() - t)
             self._progress(PHASE["upload"])
+            t = time.perf_counter()
             # The video goes last: a completed record implies every variant is there.
             for variant in ("thumbnail", "spritesheet", "video"):
                 name, media_type = VARIANTS[variant]
                 storage.put_file(asset_key(rec.id, name), files[variant], media_type)
+            metrics.PHASE_SECONDS.labels(rec.model, "upload").observe(time.perf_counter() - t)
+        if "step_s" in stats:
+            # Measured speed feeds the ETAs of queued jobs; overhead is everything but the denoising steps.
+            total = time.perf_counter() - t_job
+            self.ctx.store.record_timing(rec, stats["step_s"], total - stats["step_s"] * rec.num_inference_steps)
         now = int(time.time())
         done = store.update(
             self.video_id, "completed", progress=100, completed_at=now, expires_at=now + self.ctx.asset_ttl_s
@@ -131,6 +151,24 @@ class JobRun:
             # Cancelled or deleted during the upload: leave nothing behind.
             storage.delete_prefix(rec.id)
             raise JobCancelled
+
+    def _observe_generation(self, rec: JobRecord, generate_s: float) -> dict:
+        """Export the pipeline's per-phase figures; fall back to the whole call when it has none."""
+        stats = dict(getattr(self.ctx.pipeline, "last_stats", None) or {})
+        model = rec.model
+        if "denoise_s" in stats:
+            for phase in ("text_encode", "denoise", "decode"):
+                if stats.get(f"{phase}_s") is not None:
+                    metrics.PHASE_SECONDS.labels(model, phase).observe(stats[f"{phase}_s"])
+        if stats.get("step_s"):
+            metrics.STEP_SECONDS.labels(model).observe(stats["step_s"])
+        else:
+            stats["step_s"] = generate_s / max(1, rec.num_inference_steps)
+        if stats.get("peak_gpu_memory_bytes") is not None:
+            metrics.PEAK_GPU_MEMORY.labels(model).set(stats["peak_gpu_memory_bytes"])
+        if stats.get("enhanced_prompt"):
+            self.ctx.store.update(self.video_id, enhanced_prompt=stats["enhanced_prompt"])
+        return {k: v for k, v in stats.items() if isinstance(v, int | float)}
 
     def _progress(self, progress: int) -> None:
         if self.ctx.store.update(self.video_id, progress=progress) is None:

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
-from fastapi.responses import JSONResponse
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse, PlainTextResponse
+from prometheus_client import CONTENT_TYPE_LATEST
 
+from service import metrics
 from service.deps import StorageDep, StoreDep
 from service.schemas import HealthStatus
 
 router = APIRouter(tags=["health"])
+
+
+@router.get("/metrics", response_class=PlainTextResponse, include_in_schema=False)
+def prometheus_metrics(request: Request) -> Response:
+    """Prometheus exposition: this process's counters plus queue figures read from Redis now."""
+    body = metrics.exposition(request.app.state.queue_metrics)
+    return Response(body, media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get("/healthz", response_model=HealthStatus)

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Path, Query, Request, Response
+from fastapi import APIRouter, Header, Path, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import FileResponse, RedirectResponse
+from fastapi.responses import FileResponse, RedirectResponse, StreamingResponse
 
 from service import videos
 from service.deps import SettingsDep, StorageDep, StoreDep
 from service.errors import responses
 from service.forms import parse_create
+from service.jobs import Variant
 from service.schemas import TERMINAL, Video, VideoDeleted, VideoList
 
 router = APIRouter(prefix="/v1", tags=["videos"])
@@ -35,11 +36,29 @@ _CREATE_BODY = {
 
 
 @router.post("/videos", response_model=Video, responses=responses(400, 404, 413, 415, 503), openapi_extra=_CREATE_BODY)
-async def create_video(request: Request, store: StoreDep, storage: StorageDep, settings: SettingsDep) -> Video:
+async def create_video(
+    request: Request,
+    response: Response,
+    store: StoreDep,
+    storage: StorageDep,
+    settings: SettingsDep,
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            min_length=1,
+            max_length=255,
+            description="Send the same key to retry safely: the same request returns the original video (24 h).",
+        ),
+    ] = None,
+) -> Video:
     """Create a video generation job (JSON or multipart/form-data). The answer has status `queued`."""
     body, image = await parse_create(request, settings)
-    rec = await run_in_threadpool(videos.submit, body, store, storage, settings, image)
-    return rec.public()
+    rec, replayed = await run_in_threadpool(
+        videos.submit, body, store, storage, settings, image, idempotency_key=idempotency_key
+    )
+    if replayed:
+        response.headers["Idempotent-Replayed"] = "true"
+    return await run_in_threadpool(store.view, rec)
 
 
 @router.get("/videos", response_model=VideoList, responses=responses(400, 503))
@@ -51,7 +70,7 @@ def list_videos(
 ) -> VideoList:
     """Your videos, newest first by default, a page at a time (cursor: `after` = the last id you got)."""
     records, has_more = store.list("anonymous", after=after, limit=limit, order=order)
-    data = [r.public() for r in records]
+    data = [store.view(r) for r in records]
     return VideoList(
         data=data,
         first_id=data[0].id if data else None,
@@ -66,7 +85,29 @@ def retrieve_video(video_id: VideoId, store: StoreDep, response: Response) -> Vi
     rec = videos.get_owned(store, video_id)
     if rec.status not in TERMINAL:
         response.headers["openai-poll-after-ms"] = POLL_AFTER_MS
-    return rec.public()
+    return store.view(rec)
+
+
+@router.get(
+    "/videos/{video_id}/events",
+    response_class=StreamingResponse,
+    responses={
+        200: {
+            "description": "Server-Sent Events: `event: video` with the video object as `data`, on every change of "
+            "status, progress or queue position; the stream ends after a terminal status.",
+            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+        },
+        **responses(404, 503),
+    },
+)
+async def video_events(video_id: VideoId, store: StoreDep, request: Request) -> StreamingResponse:
+    """Live status and progress without a polling loop."""
+    await run_in_threadpool(videos.get_owned, store, video_id)  # a 404 before the stream starts
+    return StreamingResponse(
+        videos.events(store, video_id, request.is_disconnected),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
 
 
 @router.delete("/videos/{video_id}", response_model=VideoDeleted, responses=responses(404, 503))
@@ -79,7 +120,7 @@ def delete_video(video_id: VideoId, store: StoreDep, storage: StorageDep) -> Vid
 @router.post("/videos/{video_id}/cancel", response_model=Video, responses=responses(404, 409, 503))
 def cancel_video(video_id: VideoId, store: StoreDep) -> Video:
     """Cancel a queued or running job: it ends `failed` with error code `cancelled`. Safe to repeat."""
-    return videos.cancel(store, video_id).public()
+    return store.view(videos.cancel(store, video_id))
 
 
 @router.get(
@@ -98,7 +139,7 @@ def download_content(
     video_id: VideoId,
     store: StoreDep,
     storage: StorageDep,
-    variant: Annotated[videos.Variant, Query(description="Which asset.")] = "video",
+    variant: Annotated[Variant, Query(description="Which asset.")] = "video",
 ) -> Response:
     """The finished MP4 (`video`), a WebP `thumbnail`, or a JPEG `spritesheet` of frames."""
     content = videos.locate_content(videos.get_owned(store, video_id), variant, storage)
