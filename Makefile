@@ -21,10 +21,15 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[worker,dev]'
 	@touch $@
 
+# Debian packages the tests use: redis-server, and chromium for the playground's browser test (driven through
+# Playwright by path: Playwright's own browser download cannot work here).
 system-deps:
 	@command -v redis-server >/dev/null 2>&1 || { \
 		echo "installing redis-server (apt)"; \
 		$(SUDO) apt-get update -qq && $(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server; }
+	@command -v chromium >/dev/null 2>&1 || { \
+		echo "installing chromium (apt)"; \
+		$(SUDO) apt-get update -qq && $(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
 
 serve: install system-deps
 	$(BIN)/k5serve dev

@@ -10,9 +10,10 @@ from fastapi import FastAPI, Request, Response
 from fastapi.openapi.utils import get_openapi
 
 from service import errors, metrics
+from service.auth import KeyRing, Limits
 from service.forms import VideoCreateForm
 from service.jobs import JobStore, connect_redis
-from service.routes import health, models, videos
+from service.routes import health, models, playground, videos
 from service.schemas import VideoCreate
 from service.settings import Settings
 from service.storage import open_storage
@@ -30,12 +31,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.store = JobStore(connect_redis(settings), settings)
     app.state.storage = open_storage(settings)
+    app.state.keys = KeyRing(settings)
+    app.state.limits = Limits(app.state.store.r, settings)
     errors.install(app)
     app.state.queue_metrics = metrics.QueueCollector(app.state.store)
     app.middleware("http")(_observe)
     app.include_router(health.router)
     app.include_router(videos.router)
     app.include_router(models.router)
+    app.include_router(playground.router)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
 

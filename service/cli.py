@@ -131,5 +131,12 @@ def resolve(model: str) -> None:
     click.echo(json.dumps(resolve_model(model).model_dump(), indent=2))
 
 
+# The client commands (generate, videos, models) talk to a gateway over HTTP; they live in cli_client.
+from service import cli_client  # noqa: E402
+
+for _command in cli_client.COMMANDS:
+    main.add_command(_command)
+
+
 if __name__ == "__main__":
     main()

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Header, Request
 
+from service.auth import AuthError
+from service.errors import APIError
 from service.jobs import JobStore
 from service.settings import Settings
 from service.storage import Storage
@@ -26,3 +28,22 @@ def _storage(request: Request) -> Storage:
 SettingsDep = Annotated[Settings, Depends(_settings)]
 StoreDep = Annotated[JobStore, Depends(_store)]
 StorageDep = Annotated[Storage, Depends(_storage)]
+
+
+def _owner(
+    request: Request,
+    authorization: Annotated[str | None, Header(include_in_schema=False)] = None,
+) -> str:
+    """Authenticate the bearer key and count the request against the key's rate limit."""
+    try:
+        owner = request.app.state.keys.authenticate(authorization)
+    except AuthError as e:
+        raise APIError(
+            401, str(e), code="invalid_api_key", type="authentication_error", headers={"WWW-Authenticate": "Bearer"}
+        ) from e
+    request.app.state.limits.check_rate(owner)
+    return owner
+
+
+# The id of the caller's API key ("anonymous" without keys); every /v1 route depends on it.
+OwnerDep = Annotated[str, Depends(_owner)]

@@ -101,7 +101,7 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(RequestRejected)
     async def _rejected(_: Request, exc: RequestRejected) -> JSONResponse:
-        return envelope(exc.status, exc.message, param=exc.param, code=exc.code)
+        return envelope(exc.status, exc.message, param=exc.param, code=exc.code, headers=exc.headers)
 
     @app.exception_handler(NotFound)
     async def _not_found(_: Request, exc: NotFound) -> JSONResponse:
@@ -140,9 +140,11 @@ def responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
         400: "Invalid request",
         404: "Not found",
         409: "Conflict with the video's state",
+        401: "Missing or invalid API key",
         410: "The asset has expired",
         413: "Request too large",
         415: "Unsupported media type",
+        429: "Rate, in-flight or queue limit reached; retry after Retry-After",
         503: "A backing service is unavailable",
     }
-    return {s: {"model": ErrorResponse, "description": descriptions.get(s, "Error")} for s in statuses}
+    return {s: {"model": ErrorResponse, "description": descriptions.get(s, "Error")} for s in sorted(statuses)}

@@ -41,10 +41,12 @@ class VideoCreateForm(BaseModel):
     negative_prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     num_inference_steps: int | None = Field(None, ge=1)
-    guidance_scale: float | None = Field(None, ge=0.0, le=20.0)
+    guidance_scale: float | None = Field(None, ge=0.0, le=20.0, allow_inf_nan=False)
     metadata: dict[str, str] | None = Field(
         None, description="Up to 16 pairs, sent as fields metadata[KEY]=VALUE.", max_length=16
     )
+    enhance_prompt: bool | None = None
+    webhook_url: str | None = Field(None, max_length=2048)
 
 
 def body_limit(settings: Settings) -> int:

@@ -45,6 +45,7 @@ class RequestRejected(ValueError):
     def __init__(self, message: str, *, param: str | None = None, code: str = "invalid_value", status: int = 400):
         super().__init__(message)
         self.message, self.param, self.code, self.status = message, param, code, status
+        self.headers: dict[str, str] | None = None
 
 
 class JobRecord(Video):
@@ -60,6 +61,7 @@ class JobRecord(Video):
     # Whose video this is (an API key's id); a key sees only its own videos.
     owner: str = "anonymous"
     webhook_url: str | None = None
+    enhance_prompt: bool | None = None
     started_at: float | None = None
 
     def public(self, **live: Any) -> Video:
@@ -93,6 +95,11 @@ def video_key(video_id: str) -> str:
 
 def index_key(owner: str) -> str:
     return f"k5:videos:{owner}"
+
+
+def inflight_key(owner: str) -> str:
+    # The owner's jobs that are queued or running: added at creation, removed by the terminal transition.
+    return f"k5:inflight:{owner}"
 
 
 Variant = Literal["video", "thumbnail", "spritesheet"]
@@ -155,6 +162,7 @@ def plan_job(req: VideoCreate, spec: ModelSpec, has_image: bool) -> JobRecord:
         guidance_scale=req.guidance_scale if req.guidance_scale is not None else spec.guidance,
         metadata=req.metadata,
         webhook_url=req.webhook_url,
+        enhance_prompt=req.enhance_prompt,
         width=width,
         height=height,
         num_frames=spec.frames_for(seconds),
@@ -179,6 +187,7 @@ class JobStore:
             pipe.multi()
             pipe.set(video_key(rec.id), rec.model_dump_json())
             pipe.zadd(index_key(rec.owner), {rec.id: 0})
+            pipe.sadd(inflight_key(rec.owner), rec.id)
             self.queue(rec.model).enqueue_call(
                 JOB_FUNC,
                 args=(rec.id,),
@@ -192,6 +201,9 @@ class JobStore:
             )
             pipe.execute()
         log.info("queued", extra={"video_id": rec.id, "model": rec.model})
+
+    def inflight(self, owner: str) -> int:
+        return int(self.r.scard(inflight_key(owner)))
 
     def get(self, video_id: str) -> JobRecord | None:
         raw = self.r.get(video_key(video_id))
@@ -268,6 +280,7 @@ class JobStore:
                         # Keep the record a week past its assets so clients can still see what happened.
                         pipe.expire(key, self.settings.asset_ttl_s + 7 * 86400)
                         self._queue_webhooks(pipe, new)
+                        pipe.srem(inflight_key(new.owner), new.id)
                     pipe.execute()
                     return new
                 except redis.WatchError:

@@ -130,5 +130,3 @@ def serve(host: str, port: int, ready: Callable[[], bool]) -> ThreadingHTTPServe
     threading.Thread(target=server.serve_forever, name="k5-metrics", daemon=True).start()
     log.info("metrics on %s:%d", host, port)
     return server
-
-

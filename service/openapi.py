@@ -13,7 +13,7 @@ def openapi_dict() -> dict:
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
-        return create_app(Settings(storage_url=f"file://{tmp}")).openapi()
+        return create_app(Settings(storage_url=f"file://{tmp}", allow_anonymous=True)).openapi()
 
 
 def openapi_yaml() -> str:

@@ -62,10 +62,19 @@ class VideoCreate(BaseModel):
         None, ge=1, description="k5serve extension: denoising steps, up to the model's max_steps."
     )
     guidance_scale: float | None = Field(
-        None, ge=0.0, le=20.0, description="k5serve extension: classifier-free guidance; <= 1 disables it."
+        None,
+        ge=0.0,
+        le=20.0,
+        allow_inf_nan=False,
+        description="k5serve extension: classifier-free guidance; <= 1 disables it.",
     )
     metadata: dict[MetadataKey, MetadataValue] | None = Field(
         None, max_length=16, description="k5serve extension: up to 16 string pairs, returned on the video."
+    )
+    enhance_prompt: bool | None = Field(
+        None,
+        description="k5serve extension: expand the prompt with the model's own Qwen2.5-VL first, as upstream "
+        "Kandinsky 5 does; the deployment's default (on for published models) if unset.",
     )
     webhook_url: str | None = Field(
         None,

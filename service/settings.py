@@ -88,6 +88,36 @@ class Settings(BaseSettings):
     metrics_port: int = Field(9400, ge=0, le=65535)
 
     # -- worker speed (GPU) --------------------------------------------------------------------------------
+    # Attention: "auto" = flex for NABLA, else the fastest kernel timed on CUDA, "native" on CPU; or a diffusers name.
+    attention_backend: str = "auto"
+    # torch.compile of the transformer: "auto" = "full" on CUDA, "off" on CPU; "regional" compiles one block per class.
+    compile_transformer: Literal["auto", "full", "regional", "off"] = "auto"
+    # Inductor mode; upstream recommends max-autotune-no-cudagraphs for Kandinsky 5.
+    compile_mode: str = "max-autotune-no-cudagraphs"
+    # Dynamic shapes (upstream's recommendation): all buckets and prompt lengths share compiled graphs.
+    compile_dynamic: bool = True
+    # Persistent Inductor/Triton cache directory (a volume) so a restarted worker skips most compiling.
+    compile_cache_dir: str | None = None
+    # Text encoders: "auto" = "device" if all weights fit in 60% of GPU memory (Lite), else "offload" (Pro), or "cpu".
+    text_encoder_placement: Literal["auto", "device", "offload", "cpu"] = "auto"
+    # Recent prompt embeddings kept in device memory (LRU by prompt + max_sequence_length); 0 disables.
+    text_cache_size: int = Field(64, ge=0)
+    # Qwen token budget of a prompt (diffusers' default; upstream's own pipeline uses 256).
+    max_sequence_length: int = Field(512, ge=16, le=1024)
+    # Prompt expansion when a request does not choose: "auto" = on (upstream's default) except for the tiny models.
+    enhance_prompt: Literal["auto", "on", "off"] = "auto"
+    # Upper bound of the tokens prompt expansion may add (upstream: 256).
+    enhance_max_new_tokens: int = Field(256, ge=1, le=2048)
+    # VAE tiled decode: "auto" = when the estimated untiled decode does not fit in the free device memory.
+    vae_tiling: Literal["auto", "on", "off"] = "auto"
+    # Step caching, lossy and off by default: "taylorseer" or "magcache" (needs step_cache_mag_ratios).
+    step_cache: Literal["off", "taylorseer", "magcache"] = "off"
+    # MagCache's accumulated-error threshold (upstream: 0.12).
+    step_cache_threshold: float = Field(0.12, gt=0)
+    # TaylorSeer: full computation every this many steps.
+    step_cache_interval: int = Field(5, ge=1)
+    # MagCache ratios of the checkpoint, comma-separated, cond/uncond interleaved as in upstream's configs.
+    step_cache_mag_ratios: str = ""
 
     log_level: str = "INFO"
     # "json" for one JSON object per line (production), "text" for people.

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from starlette.concurrency import run_in_threadpool
 
+from service.auth import too_many
 from service.images import decode_data_url, prepare_image
 from service.jobs import INPUT_IMAGE, VARIANTS, JobRecord, JobStore, RequestRejected, asset_key, plan_job
 from service.schemas import TERMINAL, VideoCreate
@@ -63,6 +64,7 @@ def submit(
         image = decode_data_url(req.input_reference.image_url)
     rec = plan_job(req, spec, has_image=image is not None)
     rec.owner = owner
+    check_capacity(store, settings, owner, spec.id)
     if idempotency_key is not None:
         existing = store.claim_idempotency(owner, idempotency_key, fingerprint(req, image), rec.id)
         if existing is not None:
@@ -80,6 +82,22 @@ def submit(
             store.release_idempotency(owner, idempotency_key)
         raise
     return rec, False
+
+
+def check_capacity(store: JobStore, settings: Settings, owner: str, model: str) -> None:
+    """Backpressure before anything is stored: the key's jobs in flight, and the model's queue.
+
+    Not atomic with the enqueue: a burst of concurrent requests can pass the check together and overshoot by
+    its size, which is fine for a fairness limit.
+    """
+    if store.inflight(owner) >= settings.max_inflight_per_key:
+        raise too_many(
+            f"You have {settings.max_inflight_per_key} videos queued or in progress; wait for one to finish.",
+            "too_many_inflight",
+            5,
+        )
+    if store.queue(model).count >= settings.max_queue_depth:
+        raise too_many(f"The queue of model {model} is full; retry later.", "queue_full", 30)
 
 
 def fingerprint(req: VideoCreate, image: bytes | None) -> str:
@@ -103,9 +121,9 @@ def check_webhook_url(url: str, settings: Settings) -> None:
         raise RequestRejected(f"Invalid webhook_url: {e}.", param="webhook_url", code="unsafe_webhook_url") from e
 
 
-def cancel(store: JobStore, video_id: str) -> JobRecord:
+def cancel(store: JobStore, video_id: str, owner: str) -> JobRecord:
     """POST /v1/videos/{id}/cancel: harmless to repeat; a completed video cannot be cancelled."""
-    rec = get_owned(store, video_id)
+    rec = get_owned(store, video_id, owner)
     if rec.status == "completed":
         raise RequestRejected(
             f"Video {video_id} is already completed; delete it instead.",
@@ -116,9 +134,9 @@ def cancel(store: JobStore, video_id: str) -> JobRecord:
     return store.cancel(video_id) or store.get(video_id) or rec
 
 
-def delete(store: JobStore, storage: Storage, video_id: str) -> None:
+def delete(store: JobStore, storage: Storage, video_id: str, owner: str) -> None:
     """DELETE /v1/videos/{id}: cancel it if it is still running, then remove its record and its assets."""
-    rec = get_owned(store, video_id)
+    rec = get_owned(store, video_id, owner)
     store.cancel(video_id)
     storage.delete_prefix(rec.id)
     store.remove(rec)
@@ -151,9 +169,10 @@ async def events(
         await asyncio.sleep(poll_s)
 
 
-def get_owned(store: JobStore, video_id: str) -> JobRecord:
+def get_owned(store: JobStore, video_id: str, owner: str) -> JobRecord:
+    """The caller's video; another key's video is 'not found' too, so ids reveal nothing."""
     rec = store.get(video_id) if video_id.startswith("video_") else None
-    if rec is None:
+    if rec is None or rec.owner != owner:
         raise NotFound(video_id)
     return rec
 

@@ -4,6 +4,7 @@ Kandinsky 5 checkpoints built once per session, and the service's own processes 
 from __future__ import annotations
 
 import base64
+import hashlib
 import os
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import httpx
 import pytest
 import redis
 
+from service.auth import owner_of
 from service.jobs import JobStore
 from service.localstack import RedisServer, SeaweedS3, free_port, stop_process
 from service.models import resolve_model
@@ -24,6 +26,8 @@ from service.storage import S3Storage
 
 ROOT = Path(__file__).resolve().parents[1]
 BUCKET = "k5test"
+# Two API keys: the stack serves with authentication on, as production does; bob checks isolation.
+API_KEY, OTHER_API_KEY = "sk-test-alice-0123456789", "sk-test-bob-0123456789"
 WEBHOOK_SECRET = "whsec_" + base64.b64encode(b"k5serve-test-webhook-secret-0001").decode()
 
 
@@ -87,9 +91,17 @@ class Stack:
     env: dict[str, str]
     store: JobStore
     procs: list[Proc] = field(default_factory=list)
+    api_key: str = API_KEY
+    other_api_key: str = OTHER_API_KEY
 
-    def client(self) -> httpx.Client:
-        return httpx.Client(base_url=self.base_url, timeout=30)
+    @property
+    def owner(self) -> str:
+        """The owner id of api_key, as the gateway tags its videos."""
+        return owner_of(hashlib.sha256(self.api_key.encode()).hexdigest())
+
+    def client(self, api_key: str | None = API_KEY) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        return httpx.Client(base_url=self.base_url, timeout=30, headers=headers)
 
     def logs(self) -> str:
         return "\n".join(p.tail() for p in self.procs)
@@ -148,7 +160,10 @@ def stack(redis_server, s3_server, tiny_models, tmp_path_factory) -> Iterator[St
         "K5_STORAGE_URL": f"s3://{BUCKET}/videos",
         "K5_S3_ENDPOINT_URL": s3_server.endpoint,
         "K5_HEARTBEAT_S": "1",
-        "K5_ALLOW_ANONYMOUS": "true",
+        "K5_API_KEYS": f"{API_KEY},{OTHER_API_KEY}",
+        # Polling tests and the fuzzer send many requests; the limits themselves are tested in test_security.
+        "K5_RATE_LIMIT_PER_MIN": "1000000",
+        "K5_MAX_INFLIGHT_PER_KEY": "10000",
         "K5_WEBHOOK_SECRET": WEBHOOK_SECRET,
         # The tests' webhook receivers listen on loopback, which the URL policy refuses otherwise.
         "K5_WEBHOOK_ALLOWED_HOSTS": "127.0.0.1",

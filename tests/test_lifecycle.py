@@ -166,7 +166,7 @@ def test_idempotency_key_sequential_and_concurrent(stack):
     # Exactly one job reached the queue or a worker.
     (video_id,) = ids
     assert stack.wait(video_id)["status"] == "completed"
-    index = stack.store.r.zrange("k5:videos:anonymous", 0, -1)
+    index = stack.store.r.zrange(f"k5:videos:{stack.owner}", 0, -1)
     assert sum(1 for i in index if stack.store.get(i.decode()).seed == 3 and i.decode() != first.json()["id"]) == 1
 
 
@@ -186,7 +186,7 @@ def read_events(stack, video_id: str) -> list[dict]:
 def test_sse_streams_queue_position_then_progress_to_the_end(stack):
     queue = Queue("k5-tiny-t2v", connection=stack.store.r)
     first = create(stack, num_inference_steps=50, seconds="2")
-    second = create(stack, num_inference_steps=20)
+    second = create(stack, num_inference_steps=50, seconds="2")
     # Open the stream at once: the single t2v worker runs `first`, so `second` waits at the head of the queue.
     with ThreadPoolExecutor(1) as pool:
         streamed = pool.submit(read_events, stack, second["id"])

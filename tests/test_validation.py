@@ -24,7 +24,9 @@ T2V, I2V = TINY["k5-tiny-t2v"], TINY["k5-tiny-i2v"]
 
 @pytest.fixture
 def client(r, redis_server, tmp_path):
-    settings = Settings(redis_url=redis_server.url.replace("/0", "/1"), storage_url=f"file://{tmp_path}")
+    settings = Settings(
+        redis_url=redis_server.url.replace("/0", "/1"), storage_url=f"file://{tmp_path}", allow_anonymous=True
+    )
     app = create_app(settings)
     store = JobStore(r, settings)
     store.announce(T2V, "test-worker-t2v")

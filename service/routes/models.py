@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Path
+from fastapi import APIRouter, Depends, Path
 
-from service.deps import StoreDep
+from service.deps import StoreDep, _owner
 from service.errors import APIError, responses
 from service.jobs import JobStore
 from service.models import CATALOGUE, ModelSpec
 from service.schemas import ModelList, ModelObject
 
-router = APIRouter(prefix="/v1", tags=["models"])
+router = APIRouter(prefix="/v1", tags=["models"], dependencies=[Depends(_owner)])
 
 
 def _model_object(spec: ModelSpec, store: JobStore) -> ModelObject:
@@ -38,14 +38,14 @@ def _model_object(spec: ModelSpec, store: JobStore) -> ModelObject:
     )
 
 
-@router.get("/models", response_model=ModelList, responses=responses(503))
+@router.get("/models", response_model=ModelList, responses=responses(401, 429, 503))
 def list_models(store: StoreDep) -> ModelList:
     """Every model this deployment knows, online ones first."""
     objects = [_model_object(spec, store) for spec in store.known_models()]
     return ModelList(data=sorted(objects, key=lambda m: not m.online))
 
 
-@router.get("/models/{model_id}", response_model=ModelObject, responses=responses(404, 503))
+@router.get("/models/{model_id}", response_model=ModelObject, responses=responses(401, 404, 429, 503))
 def retrieve_model(model_id: Annotated[str, Path(description="The model id.")], store: StoreDep) -> ModelObject:
     """One model."""
     for spec in store.known_models():

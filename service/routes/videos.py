@@ -9,7 +9,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, RedirectResponse, StreamingResponse
 
 from service import videos
-from service.deps import SettingsDep, StorageDep, StoreDep
+from service.deps import OwnerDep, SettingsDep, StorageDep, StoreDep
 from service.errors import responses
 from service.forms import parse_create
 from service.jobs import Variant
@@ -35,10 +35,16 @@ _CREATE_BODY = {
 }
 
 
-@router.post("/videos", response_model=Video, responses=responses(400, 404, 413, 415, 503), openapi_extra=_CREATE_BODY)
+@router.post(
+    "/videos",
+    response_model=Video,
+    responses=responses(400, 401, 404, 409, 413, 415, 429, 503),
+    openapi_extra=_CREATE_BODY,
+)
 async def create_video(
     request: Request,
     response: Response,
+    owner: OwnerDep,
     store: StoreDep,
     storage: StorageDep,
     settings: SettingsDep,
@@ -54,22 +60,23 @@ async def create_video(
     """Create a video generation job (JSON or multipart/form-data). The answer has status `queued`."""
     body, image = await parse_create(request, settings)
     rec, replayed = await run_in_threadpool(
-        videos.submit, body, store, storage, settings, image, idempotency_key=idempotency_key
+        videos.submit, body, store, storage, settings, image, owner=owner, idempotency_key=idempotency_key
     )
     if replayed:
         response.headers["Idempotent-Replayed"] = "true"
     return await run_in_threadpool(store.view, rec)
 
 
-@router.get("/videos", response_model=VideoList, responses=responses(400, 503))
+@router.get("/videos", response_model=VideoList, responses=responses(400, 401, 429, 503))
 def list_videos(
+    owner: OwnerDep,
     store: StoreDep,
     after: Annotated[str | None, Query(max_length=100, description="List videos after this id.")] = None,
     limit: Annotated[int, Query(ge=1, le=100, description="Page size.")] = 20,
     order: Annotated[Literal["asc", "desc"], Query(description="By creation time.")] = "desc",
 ) -> VideoList:
     """Your videos, newest first by default, a page at a time (cursor: `after` = the last id you got)."""
-    records, has_more = store.list("anonymous", after=after, limit=limit, order=order)
+    records, has_more = store.list(owner, after=after, limit=limit, order=order)
     data = [store.view(r) for r in records]
     return VideoList(
         data=data,
@@ -79,10 +86,10 @@ def list_videos(
     )
 
 
-@router.get("/videos/{video_id}", response_model=Video, responses=responses(404, 503))
-def retrieve_video(video_id: VideoId, store: StoreDep, response: Response) -> Video:
+@router.get("/videos/{video_id}", response_model=Video, responses=responses(404, 401, 429, 503))
+def retrieve_video(video_id: VideoId, owner: OwnerDep, store: StoreDep, response: Response) -> Video:
     """The video object: status and progress while it is made, then timestamps or the error."""
-    rec = videos.get_owned(store, video_id)
+    rec = videos.get_owned(store, video_id, owner)
     if rec.status not in TERMINAL:
         response.headers["openai-poll-after-ms"] = POLL_AFTER_MS
     return store.view(rec)
@@ -97,12 +104,12 @@ def retrieve_video(video_id: VideoId, store: StoreDep, response: Response) -> Vi
             "status, progress or queue position; the stream ends after a terminal status.",
             "content": {"text/event-stream": {"schema": {"type": "string"}}},
         },
-        **responses(404, 503),
+        **responses(404, 401, 429, 503),
     },
 )
-async def video_events(video_id: VideoId, store: StoreDep, request: Request) -> StreamingResponse:
+async def video_events(video_id: VideoId, owner: OwnerDep, store: StoreDep, request: Request) -> StreamingResponse:
     """Live status and progress without a polling loop."""
-    await run_in_threadpool(videos.get_owned, store, video_id)  # a 404 before the stream starts
+    await run_in_threadpool(videos.get_owned, store, video_id, owner)  # a 404 before the stream starts
     return StreamingResponse(
         videos.events(store, video_id, request.is_disconnected),
         media_type="text/event-stream",
@@ -110,17 +117,17 @@ async def video_events(video_id: VideoId, store: StoreDep, request: Request) -> 
     )
 
 
-@router.delete("/videos/{video_id}", response_model=VideoDeleted, responses=responses(404, 503))
-def delete_video(video_id: VideoId, store: StoreDep, storage: StorageDep) -> VideoDeleted:
+@router.delete("/videos/{video_id}", response_model=VideoDeleted, responses=responses(404, 401, 429, 503))
+def delete_video(video_id: VideoId, owner: OwnerDep, store: StoreDep, storage: StorageDep) -> VideoDeleted:
     """Delete a video and its stored files; a job still running is cancelled first."""
-    videos.delete(store, storage, video_id)
+    videos.delete(store, storage, video_id, owner)
     return VideoDeleted(id=video_id)
 
 
-@router.post("/videos/{video_id}/cancel", response_model=Video, responses=responses(404, 409, 503))
-def cancel_video(video_id: VideoId, store: StoreDep) -> Video:
+@router.post("/videos/{video_id}/cancel", response_model=Video, responses=responses(404, 409, 401, 429, 503))
+def cancel_video(video_id: VideoId, owner: OwnerDep, store: StoreDep) -> Video:
     """Cancel a queued or running job: it ends `failed` with error code `cancelled`. Safe to repeat."""
-    return store.view(videos.cancel(store, video_id))
+    return store.view(videos.cancel(store, video_id, owner))
 
 
 @router.get(
@@ -132,17 +139,18 @@ def cancel_video(video_id: VideoId, store: StoreDep) -> Video:
             "content": {"video/mp4": {}, "image/webp": {}, "image/jpeg": {}},
         },
         302: {"description": "Redirect to a short-lived presigned URL of the object store."},
-        **responses(400, 404, 409, 410, 503),
+        **responses(400, 404, 409, 410, 401, 429, 503),
     },
 )
 def download_content(
     video_id: VideoId,
+    owner: OwnerDep,
     store: StoreDep,
     storage: StorageDep,
     variant: Annotated[Variant, Query(description="Which asset.")] = "video",
 ) -> Response:
     """The finished MP4 (`video`), a WebP `thumbnail`, or a JPEG `spritesheet` of frames."""
-    content = videos.locate_content(videos.get_owned(store, video_id), variant, storage)
+    content = videos.locate_content(videos.get_owned(store, video_id, owner), variant, storage)
     if content.url is not None:
         return RedirectResponse(content.url, status_code=302)
     assert content.path is not None
