@@ -13,6 +13,7 @@ from service import errors, metrics
 from service.auth import KeyRing, Limits
 from service.forms import VideoCreateForm
 from service.jobs import JobStore, connect_redis
+from service.logs import setup_logging
 from service.routes import health, models, playground, videos
 from service.schemas import VideoCreate
 from service.settings import Settings
@@ -22,7 +23,9 @@ log = logging.getLogger(__name__)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
-    settings = settings or Settings()
+    if settings is None:  # the factory form, in each process of `k5serve gateway --workers N`
+        settings = Settings()
+        setup_logging(settings.log_level, settings.log_format)
     app = FastAPI(
         title="k5serve",
         version="0.1.0",

@@ -28,15 +28,22 @@ def main() -> None:
 
 
 @main.command()
-def gateway() -> None:
+@click.option("--workers", default=1, show_default=True, help="Gateway processes sharing the port.")
+def gateway(workers: int) -> None:
     """Run the HTTP gateway (K5_HOST:K5_PORT)."""
+    import os
+    import tempfile
+
     import uvicorn
 
-    from service.app import create_app
-
     settings = _settings()
+    if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        # Several processes behind one port: /metrics must add up all of them, through files in a shared dir.
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="k5-metrics-")
     uvicorn.run(
-        create_app(settings),
+        "service.app:create_app",
+        factory=True,
+        workers=workers,
         host=settings.host,
         port=settings.port,
         log_config=None,
