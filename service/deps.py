@@ -7,8 +7,7 @@ from typing import Annotated
 from fastapi import Depends, Header, Request
 
 from service.auth import AuthError
-from service.errors import APIError
-from service.jobs import JobStore
+from service.jobs import JobStore, RequestRejected
 from service.settings import Settings
 from service.storage import Storage
 
@@ -38,9 +37,9 @@ def _owner(
     try:
         owner = request.app.state.keys.authenticate(authorization)
     except AuthError as e:
-        raise APIError(
-            401, str(e), code="invalid_api_key", type="authentication_error", headers={"WWW-Authenticate": "Bearer"}
-        ) from e
+        rejected = RequestRejected(str(e), code="invalid_api_key", status=401)
+        rejected.headers = {"WWW-Authenticate": "Bearer"}
+        raise rejected from e
     request.app.state.limits.check_rate(owner)
     return owner
 

@@ -32,28 +32,6 @@ _TYPES = {
 }
 
 
-class APIError(Exception):
-    """An error a route raises on purpose; becomes the envelope with its status code."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        *,
-        param: str | None = None,
-        code: str | None = None,
-        type: str | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.param = param
-        self.code = code
-        self.type = type or _TYPES.get(status, "api_error")
-        self.headers = headers
-
-
 def envelope(
     status: int,
     message: str,
@@ -95,10 +73,6 @@ def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 
 
 def install(app: FastAPI) -> None:
-    @app.exception_handler(APIError)
-    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
-        return envelope(exc.status, exc.message, param=exc.param, code=exc.code, type=exc.type, headers=exc.headers)
-
     @app.exception_handler(RequestRejected)
     async def _rejected(_: Request, exc: RequestRejected) -> JSONResponse:
         return envelope(exc.status, exc.message, param=exc.param, code=exc.code, headers=exc.headers)

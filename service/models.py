@@ -74,6 +74,22 @@ def _lite(variant: str, secs: int, steps: int, guidance: float, shift: float) ->
     )
 
 
+def _pro(task: Task) -> ModelSpec:
+    short = {"text-to-video": "t2v", "image-to-video": "i2v"}[task]
+    return ModelSpec(
+        id=f"kandinsky-5.0-{short}-pro-sft-5s",
+        task=task,
+        source=_HUB.format(f"{short.upper()}-Pro-sft-5s"),
+        sizes=_SD_SIZES,
+        seconds={"5": 121},
+        default_seconds="5",
+        steps=50,
+        guidance=5.0,
+        shift=10.0,
+        description=f"Kandinsky 5.0 {short.upper()} Pro (19B) sft, 5 s",
+    )
+
+
 CATALOGUE: dict[str, ModelSpec] = {
     spec.id: spec
     for spec in [
@@ -87,30 +103,7 @@ CATALOGUE: dict[str, ModelSpec] = {
                 ("pretrain", 50, 5.0, 10.0),
             ]
         ),
-        ModelSpec(
-            id="kandinsky-5.0-t2v-pro-sft-5s",
-            task="text-to-video",
-            source=_HUB.format("T2V-Pro-sft-5s"),
-            sizes=_SD_SIZES,
-            seconds={"5": 121},
-            default_seconds="5",
-            steps=50,
-            guidance=5.0,
-            shift=10.0,
-            description="Kandinsky 5.0 T2V Pro (19B) sft, 5 s",
-        ),
-        ModelSpec(
-            id="kandinsky-5.0-i2v-pro-sft-5s",
-            task="image-to-video",
-            source=_HUB.format("I2V-Pro-sft-5s"),
-            sizes=_SD_SIZES,
-            seconds={"5": 121},
-            default_seconds="5",
-            steps=50,
-            guidance=5.0,
-            shift=10.0,
-            description="Kandinsky 5.0 I2V Pro (19B) sft, 5 s",
-        ),
+        *(_pro(task) for task in ("text-to-video", "image-to-video")),
     ]
 }
 

@@ -7,8 +7,8 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Path
 
 from service.deps import StoreDep, _owner
-from service.errors import APIError, responses
-from service.jobs import JobStore
+from service.errors import responses
+from service.jobs import JobStore, RequestRejected
 from service.models import CATALOGUE, ModelSpec
 from service.schemas import ModelList, ModelObject
 
@@ -51,4 +51,4 @@ def retrieve_model(model_id: Annotated[str, Path(description="The model id.")], 
     for spec in store.known_models():
         if spec.id == model_id:
             return _model_object(spec, store)
-    raise APIError(404, f"No model '{model_id}'.", param="model", code="model_not_found")
+    raise RequestRejected(f"No model '{model_id}'.", param="model", code="model_not_found", status=404)

@@ -13,7 +13,7 @@ from pathlib import Path
 from fastapi import APIRouter
 from fastapi.responses import FileResponse, RedirectResponse
 
-from service.errors import APIError
+from service.jobs import RequestRejected
 
 router = APIRouter(tags=["playground"], include_in_schema=False)
 
@@ -65,5 +65,5 @@ def playground_page() -> FileResponse:
 def playground_file(name: str) -> FileResponse:
     media_type = MEDIA_TYPES.get(name)
     if media_type is None:
-        raise APIError(404, f"No playground file '{name}'.", code="not_found")
+        raise RequestRejected(f"No playground file '{name}'.", code="not_found", status=404)
     return FileResponse(STATIC / name, media_type=media_type, headers=HEADERS)
