@@ -25,7 +25,8 @@ from service.webhooks import new_secret
 
 
 def _child(command: str, env: dict[str, str]) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "service.cli", command], env=env)
+    # Own sessions: Ctrl-C reaches only `k5serve dev`, which then stops workers and gateway before Redis.
+    return subprocess.Popen([sys.executable, "-m", "service.cli", command], env=env, start_new_session=True)
 
 
 def _tiny_models(state_dir: Path, env: dict[str, str]) -> list[str]:

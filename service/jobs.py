@@ -279,8 +279,7 @@ class JobStore:
                     if new_status in TERMINAL and new_status != rec.status:
                         # Keep the record a week past its assets so clients can still see what happened.
                         pipe.expire(key, self.settings.asset_ttl_s + 7 * 86400)
-                        self._queue_webhooks(pipe, new)
-                        pipe.srem(inflight_key(new.owner), new.id)
+                        self.terminal_effects(pipe, new)
                     pipe.execute()
                     return new
                 except redis.WatchError:
@@ -456,3 +455,11 @@ class JobStore:
             if spec and spec.task == "text-to-video":
                 return model
         return None
+
+    # -- recovery (service/recovery.py) ----------------------------------------------------------------------
+
+    def terminal_effects(self, pipe: Any, rec: JobRecord) -> None:
+        """Everything a terminal transition does besides writing the record: update() and the owner-checked
+        transitions of service/recovery.py (a run's completion, worker_lost) all go through here."""
+        self._queue_webhooks(pipe, rec)
+        pipe.srem(inflight_key(rec.owner), rec.id)

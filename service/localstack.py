@@ -44,11 +44,13 @@ def stop_process(proc: subprocess.Popen, timeout: float = 10) -> None:
 
 
 class RedisServer:
-    """redis-server with nothing persisted, in its own directory."""
+    """redis-server in its own directory; nothing persisted unless `appendonly` (an AOF that survives a restart,
+    for the recovery tests and the chaos bench)."""
 
-    def __init__(self, workdir: Path, port: int | None = None) -> None:
+    def __init__(self, workdir: Path, port: int | None = None, appendonly: bool = False) -> None:
         self.workdir = workdir
         self.port = port or free_port()
+        self.appendonly = appendonly
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -70,7 +72,10 @@ class RedisServer:
                 "--save",
                 "",
                 "--appendonly",
-                "no",
+                "yes" if self.appendonly else "no",
+                # fsync every write: a restart in the chaos bench must not lose an acknowledged job
+                "--appendfsync",
+                "always",
                 "--dir",
                 str(self.workdir),
                 "--logfile",
@@ -78,6 +83,8 @@ class RedisServer:
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            # Its own session: a terminal's Ctrl-C must not stop Redis before the processes that use it.
+            start_new_session=True,
         )
         wait_for_port(self.port, 10, self.proc)
         return self
@@ -151,7 +158,12 @@ class SeaweedS3:
         ]
         self.log = open(self.workdir / "weed.log", "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            args, stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **self.env}, cwd=self.workdir
+            args,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **self.env},
+            cwd=self.workdir,
+            start_new_session=True,  # stopped by its owner, in order, not by a terminal's Ctrl-C
         )
         wait_for_port(self.ports["s3"], timeout, self.proc)
         self._wait_ready(timeout)

@@ -9,6 +9,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Protocol
 from urllib.parse import urlparse
@@ -16,6 +17,10 @@ from urllib.parse import urlparse
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
+
+# Our own attempts at one upload, on top of boto3's per-request retries; waits double from UPLOAD_BACKOFF_S.
+UPLOAD_ATTEMPTS = 3
+UPLOAD_BACKOFF_S = 0.5
 
 
 class StorageError(Exception):
@@ -120,10 +125,18 @@ class S3Storage:
     def put_file(self, key: str, path: Path, content_type: str) -> None:
         from botocore.exceptions import BotoCoreError, ClientError
 
-        try:
-            self.client.upload_file(str(path), self.bucket, self._key(key), ExtraArgs={"ContentType": content_type})
-        except (BotoCoreError, ClientError) as e:
-            raise StorageError(f"upload of {key} failed: {e}") from e
+        # boto3 retries each request (3 attempts); this loop covers what it gives up on: an endpoint that is
+        # away for seconds (a restart, a failover), and multipart uploads that fail part-way.
+        for attempt in range(1, UPLOAD_ATTEMPTS + 1):
+            try:
+                self.client.upload_file(str(path), self.bucket, self._key(key), ExtraArgs={"ContentType": content_type})
+                return
+            except (BotoCoreError, ClientError) as e:
+                if attempt == UPLOAD_ATTEMPTS:
+                    raise StorageError(f"upload of {key} failed after {attempt} attempts: {e}") from e
+                delay = UPLOAD_BACKOFF_S * 2 ** (attempt - 1)
+                log.warning("upload of %s failed (attempt %d), retrying in %.1fs: %s", key, attempt, delay, e)
+                time.sleep(delay)
 
     def put_bytes(self, key: str, data: bytes, content_type: str) -> None:
         from botocore.exceptions import BotoCoreError, ClientError

@@ -193,6 +193,13 @@ def locate_content(rec: JobRecord, variant: str, storage: Storage) -> Content:
             code="video_not_ready",
             status=409,
         )
+    if rec.expires_at is not None and rec.expires_at <= time.time():
+        raise RequestRejected(
+            f"The files of video {rec.id} expired at {rec.expires_at} and were deleted.",
+            param="video_id",
+            code="asset_expired",
+            status=410,
+        )
     name, media_type = VARIANTS[variant]
     key = asset_key(rec.id, name)
     filename = f"{rec.id}.{name.rsplit('.', 1)[1]}"

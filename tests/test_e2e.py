@@ -125,3 +125,12 @@ def test_progress_is_reported_while_running(stack):
     assert progresses == sorted(progresses)
     # Intermediate progress was visible while denoising.
     assert any(s == "in_progress" and 5 < p < 90 for s, p in seen), seen
+
+
+def test_enhance_prompt_returns_the_expanded_prompt(stack):
+    with stack.client() as c:
+        video = c.post("/v1/videos", json={"prompt": "a fox", "model": "k5-tiny-t2v", "enhance_prompt": True}).json()
+        done = stack.wait(video["id"])
+    assert done["status"] == "completed", done
+    # The tiny Qwen's expansion is gibberish, but it ran through the model and came back on the object.
+    assert isinstance(done["enhanced_prompt"], str) and done["enhanced_prompt"] != "a fox"

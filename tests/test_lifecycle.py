@@ -119,8 +119,15 @@ def test_cancelled_job_sends_video_failed(stack, receiver):
 
 @pytest.mark.parametrize(
     "url",
-    ["http://10.1.2.3/hook", "http://169.254.169.254/latest/meta-data", "http://192.168.0.1/", "http://[::1]:80/",
-     "ftp://example.com/hook", "http://user:pw@127.0.0.1/hook", "http://no-such-host.invalid/hook"],
+    [
+        "http://10.1.2.3/hook",
+        "http://169.254.169.254/latest/meta-data",
+        "http://192.168.0.1/",
+        "http://[::1]:80/",
+        "ftp://example.com/hook",
+        "http://user:pw@127.0.0.1/hook",
+        "http://no-such-host.invalid/hook",
+    ],
 )
 def test_unsafe_webhook_urls_are_refused(stack, url):
     with stack.client() as c:

@@ -279,3 +279,12 @@ def test_oversized_body_is_413(client):
     resp = client.post("/v1/videos", content=b"{" + b" " * limit + b"}", headers={"Content-Type": "application/json"})
     assert resp.status_code == 413 and resp.json()["error"]["code"] == "body_too_large"
     assert_nothing_queued(client)
+
+
+def test_expired_content_is_410(client):
+    video = client.post("/v1/videos", json={"prompt": "old"}).json()
+    store = client.store
+    store.update(video["id"], "in_progress")
+    store.update(video["id"], "completed", progress=100, completed_at=1, expires_at=2)
+    resp = client.get(f"/v1/videos/{video['id']}/content")
+    assert resp.status_code == 410 and resp.json()["error"]["code"] == "asset_expired"

@@ -1,4 +1,10 @@
-"""The non-forking RQ worker that holds one warm pipeline and takes its model's jobs one at a time."""
+"""The non-forking RQ worker that holds one warm pipeline and takes its model's jobs one at a time.
+
+Recovery (REFERENCE.md section 5): SimpleWorker has no heartbeat while a job runs, so the Heartbeat thread keeps
+the worker online, keeps the running job's lease alive and runs the janitor (reaper of jobs whose worker died,
+asset expiry). SIGTERM finishes the current job within shutdown_grace_s or stops it at a step and requeues it.
+When Redis goes away the RQ loop ends; this module reconnects with backoff instead of exiting.
+"""
 
 from __future__ import annotations
 
@@ -6,34 +12,86 @@ import logging
 import os
 import socket
 import threading
+import time
 
+import redis
 from rq import Queue, SimpleWorker
+from rq.worker import WorkerStatus
+from rq.worker.base import StopRequested
 
 from service import metrics
 from service.jobs import JobStore, connect_redis
 from service.models import resolve_model
+from service.recovery import Leases
 from service.settings import Settings
-from service.storage import open_storage
+from service.storage import Storage, open_storage
 from worker import runner
 from worker.pipeline import VideoPipeline
 
 log = logging.getLogger(__name__)
 
+# Exit status after an unrecoverable device error: the supervisor restarts the process with a fresh context.
+EXIT_DEVICE_LOST = 70
+# Reconnect backoff while Redis is unreachable.
+BACKOFF_MIN_S, BACKOFF_MAX_S = 0.5, 30.0
+
 
 class Heartbeat(threading.Thread):
-    """Announces the worker's model every few seconds, also while a long job runs in the main thread."""
+    """Announces the worker's model every few seconds, also while a long job runs in the main thread; keeps the
+    running job's lease alive; and runs the janitor pass (one worker at a time holds its lock)."""
 
-    def __init__(self, store: JobStore, spec, name: str, interval: float) -> None:
+    def __init__(
+        self, store: JobStore, spec, name: str, interval: float, ctx: runner.WorkerContext, storage: Storage
+    ) -> None:
         super().__init__(name="k5-heartbeat", daemon=True)
         self.store, self.spec, self.worker_name, self.interval = store, spec, name, interval
+        self.ctx, self.storage, self.leases = ctx, storage, Leases(store)
         self.stopped = threading.Event()
 
     def run(self) -> None:
         while not self.stopped.wait(self.interval):
+            # Separate tries: a failing janitor pass must never cost the running job its lease.
             try:
+                if (current := self.ctx.current) is not None:
+                    self.leases.refresh(*current)
                 self.store.announce(self.spec, self.worker_name)
             except Exception:  # Redis may be away for a while; keep beating
                 log.warning("heartbeat failed", exc_info=True)
+            try:
+                self.leases.janitor(self.storage, self.worker_name)
+            except Exception:
+                log.warning("janitor pass failed", exc_info=True)
+
+
+class RecoveringWorker(SimpleWorker):
+    """SimpleWorker with a shutdown grace period and a non-zero exit after a lost device."""
+
+    def __init__(self, *args, ctx: runner.WorkerContext, grace_s: float, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.ctx, self.grace_s = ctx, grace_s
+        self.shutdown_requested = False
+
+    def _shutdown(self) -> None:
+        # RQ's warm shutdown takes no new job and waits for the current one without limit; a Kubernetes grace
+        # period would then SIGKILL it. Stop it at a step boundary (and requeue it) before that happens.
+        self.shutdown_requested = True
+        if self.get_state() == WorkerStatus.BUSY:
+            log.info("shutdown requested: finishing the current job", extra={"grace_s": self.grace_s})
+            timer = threading.Timer(self.grace_s, self.ctx.stop.set)
+            timer.daemon = True
+            timer.start()
+        super()._shutdown()
+
+    def request_force_stop(self, signum, frame) -> None:
+        # A second signal ends the grace now. RQ's cold shutdown would raise SystemExit mid-step and leave the
+        # job to its lease; stopping at the next step requeues it at once.
+        log.info("second stop signal: stopping the current job at its next step")
+        self.ctx.stop.set()
+
+    def execute_job(self, job, queue) -> None:
+        super().execute_job(job, queue)
+        if self.ctx.fatal is not None:
+            raise SystemExit(EXIT_DEVICE_LOST)
 
 
 def run(settings: Settings) -> None:
@@ -52,22 +110,64 @@ def run(settings: Settings) -> None:
     # Load and warm before announcing: a worker is only online once it can take a job at full speed.
     pipeline = VideoPipeline.load(settings, spec)
     pipeline.warm()
-    runner.configure(runner.WorkerContext(store, storage, pipeline, name, settings.asset_ttl_s))
+    ctx = runner.WorkerContext(store, storage, pipeline, name, settings.asset_ttl_s)
+    runner.configure(ctx)
 
     store.announce(spec, name)
     metrics.MODEL_READY.labels(spec.id).set(1)
     ready.set()
-    heartbeat = Heartbeat(store, spec, name, settings.heartbeat_s)
+    heartbeat = Heartbeat(store, spec, name, settings.heartbeat_s, ctx, storage)
     heartbeat.start()
     log.info("worker ready", extra={"model": spec.id, "worker": name})
     try:
-        # RQ raises the socket timeout of its connection for blocking pops: give it one of its own.
-        rq_conn = connect_redis(settings)
-        worker = SimpleWorker([Queue(spec.id, connection=rq_conn)], connection=rq_conn, name=name)
-        worker.work(logging_level=settings.log_level.upper())
+        serve(settings, spec.id, name, ctx)
     finally:
         heartbeat.stopped.set()
         try:
             store.retire(spec, name)
         except Exception:
             log.warning("could not retire worker", exc_info=True)
+
+
+def serve(settings: Settings, queue_name: str, name: str, ctx: runner.WorkerContext) -> None:
+    """RQ's work loop, restarted with backoff whenever it ends for any reason but a stop request."""
+    backoff = BACKOFF_MIN_S
+    incarnation = 0
+    while True:
+        # RQ raises the socket timeout of its connection for blocking pops: give it one of its own.
+        rq_conn = connect_redis(settings)
+        # A fresh RQ name per incarnation: the previous one may still be registered (not dead) after an outage.
+        rq_name = name if incarnation == 0 else f"{name}.{incarnation}"
+        worker = RecoveringWorker(
+            [Queue(queue_name, connection=rq_conn)],
+            connection=rq_conn,
+            name=rq_name,
+            ctx=ctx,
+            grace_s=settings.shutdown_grace_s,
+        )
+        t0 = time.monotonic()
+        try:
+            worker.work(logging_level=settings.log_level.upper())
+        except redis.RedisError:  # registration or teardown while Redis is away
+            log.warning("worker loop failed: Redis unavailable", exc_info=True)
+        if worker.shutdown_requested:
+            return
+        if time.monotonic() - t0 > 60:
+            backoff = BACKOFF_MIN_S
+        incarnation += 1
+        log.warning("worker loop ended; reconnecting to Redis", extra={"retry_in_s": backoff})
+        try:
+            wait_for_redis(rq_conn, backoff)
+        except StopRequested:  # SIGTERM while reconnecting: RQ's handler is still installed
+            return
+        backoff = min(2 * backoff, BACKOFF_MAX_S)
+
+
+def wait_for_redis(conn: redis.Redis, backoff: float) -> None:
+    while True:
+        time.sleep(backoff)
+        try:
+            conn.ping()
+            return
+        except redis.RedisError:
+            backoff = min(2 * backoff, BACKOFF_MAX_S)

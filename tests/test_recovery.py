@@ -1,0 +1,329 @@
+"""Recovery: leases and the reaper, owner-checked writes, pipeline and storage failures, asset expiry (in-process,
+fakes only inside the seams), then SIGTERM and a Redis restart against real worker processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis
+import torch
+from botocore.exceptions import EndpointConnectionError
+from rq import Queue, SimpleWorker
+
+from service import storage as storage_mod
+from service.jobs import JobStore, connect_redis, plan_job
+from service.localstack import RedisServer, free_port, stop_process
+from service.models import resolve_model
+from service.recovery import EXPIRY, RUNNING, Leases, NotOwner, lease_key
+from service.schemas import VideoCreate
+from service.settings import Settings
+from service.storage import open_storage
+from tests.conftest import ROOT, WEBHOOK_SECRET
+from worker import runner
+from worker.main import EXIT_DEVICE_LOST, RecoveringWorker
+from worker.pipeline import VideoPipeline
+
+ASSETS = ("video.mp4", "thumbnail.webp", "spritesheet.jpg")
+
+
+@pytest.fixture
+def t2v(tiny_models, s3_settings):
+    spec = resolve_model(str(tiny_models["t2v"]))
+    return spec, VideoPipeline.load(s3_settings, spec)
+
+
+@pytest.fixture
+def settings(s3_settings) -> Settings:
+    # A 0.3 s lease, and a terminal webhook to count (nothing delivers it here).
+    return s3_settings.model_copy(
+        update={
+            "heartbeat_s": 0.1,
+            "max_attempts": 2,
+            "webhook_secret": WEBHOOK_SECRET,
+            "webhook_url": "https://hooks.example.com/k5",
+        }
+    )
+
+
+def new_job(store: JobStore, spec, steps: int = 3, seconds: str | None = None):
+    req = VideoCreate(prompt="a lighthouse", num_inference_steps=steps, seconds=seconds)
+    rec = plan_job(req, spec, has_image=False)
+    store.create(rec)
+    return rec
+
+
+def lapse(r: redis.Redis, video_id: str, timeout: float = 5) -> None:
+    """Wait until a lease nobody refreshes has expired (the worker holding it is 'dead')."""
+    deadline = time.monotonic() + timeout
+    while r.exists(lease_key(video_id)):
+        assert time.monotonic() < deadline, "lease never expired"
+        time.sleep(0.05)
+
+
+def terminal_events(r: redis.Redis, video_id: str) -> int:
+    return int(r.scard(f"k5:webhooks:video:{video_id}"))
+
+
+def test_dead_worker_job_is_requeued_then_fails_worker_lost(r, settings, t2v):
+    spec, _ = t2v
+    store = JobStore(r, settings)
+    leases = Leases(store)
+    rec = new_job(store, spec)
+    queue = Queue(spec.id, connection=r)
+
+    for attempt in (1, 2):
+        rq_id = queue.job_ids[0]
+        queue.remove(rq_id)  # a worker popped it ...
+        started = leases.start(rec.id, f"dead-{attempt}", rq_id, progress=30)
+        assert started is not None and started[0].status == "in_progress"
+        # ... a second start of the same job (a duplicate RQ entry) is refused while it runs
+        assert leases.start(rec.id, "other", rq_id) is None
+        lapse(r, rec.id)  # ... and died
+        assert leases.reap() == {"requeued" if attempt == 1 else "failed": 1}
+        assert leases.attempts(rec.id) == attempt
+        if attempt == 1:
+            back = store.get(rec.id)
+            assert back.status == "queued" and back.progress == 0 and back.worker is None
+            assert len(queue.job_ids) == 1 and queue.fetch_job(queue.job_ids[0]).args == (rec.id,)
+            # The dead run's token is worthless now: it cannot complete the job.
+            with pytest.raises(NotOwner):
+                leases.update(rec.id, started[1], "completed", progress=100)
+
+    final = store.get(rec.id)
+    assert final.status == "failed" and final.error.code == "worker_lost"
+    assert not r.sismember(RUNNING, rec.id)
+    assert terminal_events(r, rec.id) == 1
+    assert leases.reap() == {}
+
+
+def test_stale_run_cannot_complete_and_new_owner_completes_once(r, settings, t2v):
+    spec, pipeline = t2v
+    store, storage = JobStore(r, settings), open_storage(settings)
+    leases = Leases(store)
+    rec = new_job(store, spec)
+    queue = Queue(spec.id, connection=r)
+    queue.remove(rec.id)
+    _, stale = leases.start(rec.id, "frozen", rec.id)
+    lapse(r, rec.id)
+    assert leases.reap() == {"requeued": 1}
+    # The frozen worker wakes up: its heartbeat cannot re-arm a lease over a requeued job.
+    assert leases.refresh(rec.id, stale) is False
+
+    runner.configure(runner.WorkerContext(store, storage, pipeline, "live", 3600))
+    SimpleWorker([queue], connection=r).work(burst=True)
+    done = store.get(rec.id)
+    assert done.status == "completed" and done.worker == "live" and leases.attempts(rec.id) == 2
+    assert leases.update(rec.id, stale, "completed") is None  # final: nothing moves it
+    assert terminal_events(r, rec.id) == 1
+    assert r.zscore(EXPIRY, rec.id) == done.expires_at
+
+
+class Faulty:
+    """The real tiny pipeline with one fault injected per job, in order; None = a healthy job."""
+
+    def __init__(self, real: VideoPipeline, faults: list[str | None]) -> None:
+        self.real, self.spec, self.faults = real, real.spec, list(faults)
+        self.release_memory = real.release_memory
+
+    def generate(self, req, on_step=None):
+        fault = self.faults.pop(0)
+        if fault == "nan":
+            # Inside the pipeline: its own finiteness check must catch what the model produced.
+            real_generate = self.real._generate
+            self.real._generate = lambda *a, **k: np.full_like(real_generate(*a, **k), np.nan)
+            try:
+                return self.real.generate(req, on_step)
+            finally:
+                self.real._generate = real_generate
+
+        def step(done: int, total: int) -> None:
+            if done == 2 and fault == "oom":
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+            if done == 2 and fault == "device":
+                raise RuntimeError("CUDA error: an illegal memory access was encountered")
+            on_step(done, total)
+
+        return self.real.generate(req, step)
+
+
+def test_oom_and_nan_fail_the_job_and_the_worker_goes_on(r, settings, t2v):
+    spec, pipeline = t2v
+    store, storage = JobStore(r, settings), open_storage(settings)
+    runner.configure(runner.WorkerContext(store, storage, Faulty(pipeline, ["oom", "nan", None]), "w", 3600))
+    oom, nan, ok = new_job(store, spec), new_job(store, spec), new_job(store, spec)
+    SimpleWorker([Queue(spec.id, connection=r)], connection=r).work(burst=True)
+
+    assert store.get(oom.id).error.code == "out_of_memory" and "smaller" in store.get(oom.id).error.message
+    assert store.get(nan.id).error.code == "generation_error" and "NaN" in store.get(nan.id).error.message
+    assert store.get(ok.id).status == "completed"
+    assert not r.smembers(RUNNING)
+
+
+def test_device_error_exits_the_worker_and_requeues_the_job(r, settings, t2v):
+    spec, pipeline = t2v
+    store, storage = JobStore(r, settings), open_storage(settings)
+    ctx = runner.WorkerContext(store, storage, Faulty(pipeline, ["device", None]), "w", 3600)
+    runner.configure(ctx)
+    lost, waiting = new_job(store, spec), new_job(store, spec)
+    queue = Queue(spec.id, connection=r)
+    worker = RecoveringWorker([queue], connection=r, ctx=ctx, grace_s=1)
+    with pytest.raises(SystemExit) as exited:
+        worker.work(burst=True)
+    assert exited.value.code == EXIT_DEVICE_LOST
+    # Not failed: the job is the device's victim. Its lease is already dropped, so the next pass requeues it.
+    assert store.get(lost.id).status == "in_progress"
+    assert store.get(waiting.id).status == "queued"
+    assert Leases(store).reap() == {"requeued": 1}
+    assert queue.job_ids[0].startswith(lost.id)  # requeued at the front
+
+
+def test_upload_retries_then_fails_with_storage_error_and_leaves_nothing(r, settings, t2v, monkeypatch):
+    spec, pipeline = t2v
+    store, storage = JobStore(r, settings), open_storage(settings)
+    monkeypatch.setattr(storage_mod, "UPLOAD_BACKOFF_S", 0.01)
+    real_upload = storage.client.upload_file
+    calls: list[str] = []
+
+    def flaky(path, bucket, key, **kw):
+        calls.append(key)
+        # The first job's video fails twice and then goes through; the second job's video never does.
+        if key.endswith("video.mp4") and (len(calls) <= 4 or len(calls) > 6):
+            raise EndpointConnectionError(endpoint_url="http://s3.invalid")
+        return real_upload(path, bucket, key, **kw)
+
+    monkeypatch.setattr(storage.client, "upload_file", flaky)
+    runner.configure(runner.WorkerContext(store, storage, pipeline, "w", 3600))
+    retried, broken = new_job(store, spec), new_job(store, spec)
+    SimpleWorker([Queue(spec.id, connection=r)], connection=r).work(burst=True)
+
+    assert store.get(retried.id).status == "completed"
+    assert all(storage.exists(f"{retried.id}/{a}") for a in ASSETS)
+    failed = store.get(broken.id)
+    assert failed.status == "failed" and failed.error.code == "storage_error"
+    assert sum(k.endswith(f"{broken.id}/video.mp4") for k in calls) == storage_mod.UPLOAD_ATTEMPTS
+    assert not any(storage.exists(f"{broken.id}/{a}") for a in ASSETS)  # thumbnail and spritesheet removed
+
+
+def test_expired_assets_are_swept(r, settings, t2v):
+    spec, pipeline = t2v
+    store, storage = JobStore(r, settings), open_storage(settings)
+    runner.configure(runner.WorkerContext(store, storage, pipeline, "w", asset_ttl_s=60))
+    rec = new_job(store, spec)
+    SimpleWorker([Queue(spec.id, connection=r)], connection=r).work(burst=True)
+    done = store.get(rec.id)
+    leases = Leases(store)
+    assert leases.sweep_expired(storage, now=done.expires_at - 1) == 0
+    assert storage.exists(f"{rec.id}/video.mp4")
+    assert leases.sweep_expired(storage, now=done.expires_at + 1) == 1
+    assert not any(storage.exists(f"{rec.id}/{a}") for a in ASSETS)
+    assert r.zcard(EXPIRY) == 0
+
+
+# -- real worker processes ------------------------------------------------------------------------------------
+
+
+def start_worker(env: dict[str, str], log: Path, **extra: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "worker"],
+        env={**env, "K5_METRICS_PORT": str(free_port()), **extra},
+        cwd=ROOT,
+        stdout=log.open("ab"),
+        stderr=subprocess.STDOUT,
+    )
+
+
+def wait_until(pred, timeout: float, what: str, log: Path | None = None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := pred():
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"{what} not reached in {timeout}s\n" + (log.read_text()[-4000:] if log else ""))
+
+
+@pytest.fixture
+def worker_env(s3_server, s3_settings, tiny_models) -> dict[str, str]:
+    return {
+        **os.environ,
+        **s3_server.env,
+        "K5_MODEL": str(tiny_models["t2v"]),
+        "K5_STORAGE_URL": s3_settings.storage_url,
+        "K5_S3_ENDPOINT_URL": s3_server.endpoint,
+        "K5_HEARTBEAT_S": "1",
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONUNBUFFERED": "1",
+    }
+
+
+def test_sigterm_requeues_after_grace_or_finishes_within_it(redis_server, worker_env, t2v, tmp_path):
+    spec, _ = t2v
+    url = redis_server.url.replace("/0", "/2")  # a database of its own: no other worker takes these jobs
+    r = redis.Redis.from_url(url)
+    r.flushdb()
+    settings = Settings(redis_url=url, heartbeat_s=1)
+    store = JobStore(r, settings)
+    env = {**worker_env, "K5_REDIS_URL": url}
+    log = tmp_path / "workers.log"
+    procs = [start_worker(env, log, K5_SHUTDOWN_GRACE_S="0.3")]
+    try:
+        wait_until(lambda: store.workers_online(spec.id), 120, "worker online", log)
+        slow = new_job(store, spec, steps=50, seconds="2")
+        wait_until(lambda: store.get(slow.id).progress > 10, 60, "slow job running", log)
+        procs[0].send_signal(signal.SIGTERM)
+        assert procs[0].wait(30) == 0
+        back = store.get(slow.id)
+        assert back.status == "queued" and back.progress == 0, back
+        assert Leases(store).attempts(slow.id) == 0  # a shutdown is not a failed attempt
+        assert "job requeued on shutdown" in log.read_text()
+
+        # A worker with a long grace: SIGTERM mid-job lets the job finish, then the worker exits.
+        procs.append(start_worker(env, log, K5_SHUTDOWN_GRACE_S="120"))
+        wait_until(lambda: store.get(slow.id).progress > 10, 120, "requeued job running again", log)
+        procs[1].send_signal(signal.SIGTERM)
+        assert procs[1].wait(120) == 0
+        done = store.get(slow.id)
+        assert done.status == "completed", done
+    finally:
+        for p in procs:
+            stop_process(p)
+        r.flushdb()
+
+
+def test_worker_survives_a_redis_restart(worker_env, t2v, tmp_path):
+    spec, _ = t2v
+    server = RedisServer(tmp_path / "redis", appendonly=True).start()
+    settings = Settings(redis_url=server.url, heartbeat_s=1)
+    log = tmp_path / "worker.log"
+    proc = start_worker({**worker_env, "K5_REDIS_URL": server.url}, log)
+    try:
+        store = JobStore(connect_redis(settings), settings)
+        wait_until(lambda: store.workers_online(spec.id), 120, "worker online", log)
+        done = new_job(store, spec)
+        wait_until(lambda: store.get(done.id).status == "completed", 60, "job before the restart", log)
+        # The outage hits a running job: either its writes ride it out (client retries) or it is interrupted,
+        # its lease lapses and it runs again. Either way it completes, on the same worker process.
+        running = new_job(store, spec, steps=50, seconds="2")
+        wait_until(lambda: store.get(running.id).progress > 10, 60, "job running", log)
+
+        assert server.proc is not None
+        server.proc.kill()  # the hard way: only the fsynced AOF survives
+        server.proc.wait(10)
+        time.sleep(3)
+        assert proc.poll() is None
+        server.start()
+
+        after = new_job(store, spec)
+        for rec in (running, after):
+            wait_until(lambda rec=rec: store.get(rec.id).status == "completed", 120, "jobs after the restart", log)
+        assert proc.poll() is None  # the same process: it reconnected by itself
+        assert store.get(done.id).status == "completed"  # AOF: what Redis had acknowledged survived
+    finally:
+        stop_process(proc)
+        server.stop()
