@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from service.app import create_app
 from service.auth import KeyRing
 from service.jobs import JobStore
+from service.localstack import RedisServer, free_port
 from service.models import TINY
 from service.settings import Settings
 
@@ -210,3 +211,21 @@ def test_non_finite_guidance_is_refused(client, value):
     body = '{"prompt": "x", "guidance_scale": ' + value + "}"
     resp = client.post("/v1/videos", content=body, headers={**auth(ALICE), "Content-Type": "application/json"})
     assert resp.status_code == 400 and resp.json()["error"]["param"] == "guidance_scale"
+
+
+def test_redis_down_is_503_and_the_gateway_recovers_without_restart(tmp_path):
+    port = free_port()
+    settings = Settings(redis_url=f"redis://127.0.0.1:{port}/0", storage_url=f"file://{tmp_path}", api_keys=ALICE)
+    with TestClient(create_app(settings)) as c:
+        resp = c.post("/v1/videos", json={"prompt": "x"}, headers=auth(ALICE))
+        assert resp.status_code == 503 and resp.json()["error"]["code"] == "store_unavailable"
+        assert "retry-after" in resp.headers
+        assert c.get("/v1/videos", headers=auth(ALICE)).status_code == 503
+        assert c.get("/readyz").status_code == 503 and c.get("/healthz").status_code == 200
+        server = RedisServer(tmp_path / "redis", port=port).start()
+        try:
+            # Same process, same app: the connection pool reconnects.
+            assert c.get("/readyz").status_code == 200
+            assert c.get("/v1/videos", headers=auth(ALICE)).status_code == 200
+        finally:
+            server.stop()
