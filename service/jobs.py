@@ -16,6 +16,7 @@ import json
 import logging
 import secrets
 import time
+from collections.abc import Callable
 from typing import Any, Literal
 
 import redis
@@ -250,22 +251,35 @@ class JobStore:
             pipe.zrem(index_key(rec.owner), rec.id)
             pipe.execute()
 
-    def update(self, video_id: str, status: str | None = None, **changes: Any) -> JobRecord | None:
+    def update(
+        self,
+        video_id: str,
+        status: str | None = None,
+        *,
+        watch: tuple[str, ...] = (),
+        guard: Callable[[Any], None] | None = None,
+        on_terminal: Callable[[Any, JobRecord], None] | None = None,
+        **changes: Any,
+    ) -> JobRecord | None:
         """Apply one guarded transition. Returns the new record, or None when the record is gone or terminal.
 
         Progress only grows; a terminal status is final; a move that is not forward raises ValueError.
+        `watch`, `guard` and `on_terminal` let a caller add keys to the optimistic lock, a check that may raise
+        (read on the watched pipeline), and writes that join a terminal transition (service/recovery.py).
         """
         key = video_key(video_id)
         with self.r.pipeline() as pipe:
             while True:
                 try:
-                    pipe.watch(key)
+                    pipe.watch(key, *watch)
                     raw = pipe.get(key)
                     if raw is None:
                         return None
                     rec = JobRecord.model_validate_json(raw)
                     if rec.status in TERMINAL:
                         return None
+                    if guard is not None:
+                        guard(pipe)
                     new_status = status or rec.status
                     if new_status not in _NEXT[rec.status]:
                         raise ValueError(f"{video_id}: {rec.status} -> {new_status} is not allowed")
@@ -280,6 +294,8 @@ class JobStore:
                         # Keep the record a week past its assets so clients can still see what happened.
                         pipe.expire(key, self.settings.asset_ttl_s + 7 * 86400)
                         self.terminal_effects(pipe, new)
+                        if on_terminal is not None:
+                            on_terminal(pipe, new)
                     pipe.execute()
                     return new
                 except redis.WatchError:

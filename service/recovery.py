@@ -24,8 +24,8 @@ from typing import Any
 import redis
 from rq.job import Job
 
-from service.jobs import _NEXT, JOB_FUNC, JobRecord, JobStore, video_key
-from service.schemas import TERMINAL, VideoError
+from service.jobs import JOB_FUNC, JobRecord, JobStore, video_key
+from service.schemas import VideoError
 from service.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -106,38 +106,19 @@ class Leases:
         Returns None when the record is gone or final (cancelled, deleted); raises NotOwner when another run
         owns the job now.
         """
-        key, akey = video_key(video_id), attempt_key(video_id)
-        with self.r.pipeline() as pipe:
-            while True:
-                try:
-                    pipe.watch(key, akey)
-                    raw = pipe.get(key)
-                    if raw is None:
-                        return None
-                    rec = JobRecord.model_validate_json(raw)
-                    if rec.status in TERMINAL:
-                        return None
-                    if (pipe.hget(akey, "owner") or b"").decode() != token:
-                        raise NotOwner(video_id)
-                    new_status = status or rec.status
-                    if new_status not in _NEXT[rec.status]:
-                        raise ValueError(f"{video_id}: {rec.status} -> {new_status} is not allowed")
-                    if "progress" in changes:
-                        changes["progress"] = max(rec.progress, min(100, int(changes["progress"])))
-                    if isinstance(changes.get("error"), dict):
-                        changes["error"] = VideoError(**changes["error"])
-                    new = rec.model_copy(update={**changes, "status": new_status})
-                    pipe.multi()
-                    pipe.set(key, new.model_dump_json(), keepttl=True)
-                    if new_status in TERMINAL:
-                        self._settle(pipe, new)
-                        if new_status == "completed" and new.expires_at is not None:
-                            # Registered with the completion itself: no stored video can escape the sweep.
-                            pipe.zadd(EXPIRY, {video_id: new.expires_at})
-                    pipe.execute()
-                    return new
-                except redis.WatchError:
-                    continue
+        akey = attempt_key(video_id)
+
+        def owned(pipe: Any) -> None:
+            if (pipe.hget(akey, "owner") or b"").decode() != token:
+                raise NotOwner(video_id)
+
+        def settle(pipe: Any, new: JobRecord) -> None:
+            self._settle(pipe, new, effects=False)
+            if new.status == "completed" and new.expires_at is not None:
+                # Registered with the completion itself: no stored video can escape the sweep.
+                pipe.zadd(EXPIRY, {video_id: new.expires_at})
+
+        return self.store.update(video_id, status, watch=(akey,), guard=owned, on_terminal=settle, **changes)
 
     def finish(self, video_id: str, token: str) -> None:
         """A run that settled its job (final, requeued or cancelled) lets go of it."""
@@ -271,15 +252,17 @@ class Leases:
         self.reap()
         self.sweep_expired(storage)
 
-    def _settle(self, pipe: Any, new: JobRecord) -> None:
-        """What every terminal transition of a run does, inside its transaction."""
+    def _settle(self, pipe: Any, new: JobRecord, effects: bool = True) -> None:
+        """What every terminal transition of a run does, inside its transaction (JobStore.update already
+        applies the record's TTL and the terminal effects when it is the caller: effects=False)."""
         ttl = self.settings.asset_ttl_s + 7 * 86400
-        pipe.expire(video_key(new.id), ttl)
         pipe.expire(attempt_key(new.id), ttl)
         pipe.hdel(attempt_key(new.id), "owner")
         pipe.delete(lease_key(new.id))
         pipe.srem(RUNNING, new.id)
-        self.store.terminal_effects(pipe, new)
+        if effects:
+            pipe.expire(video_key(new.id), ttl)
+            self.store.terminal_effects(pipe, new)
 
     def _forget_rq_job(self, model: str, rq_id: str) -> None:
         """The dead run's RQ job: out of the started registry, so RQ's own abandoned-job cleanup does not
