@@ -11,7 +11,7 @@ from fastapi.openapi.utils import get_openapi
 
 from service import errors, metrics
 from service.auth import KeyRing, Limits
-from service.forms import VideoCreateForm
+from service.forms import form_schema
 from service.jobs import JobStore, connect_redis
 from service.logs import setup_logging
 from service.routes import health, models, playground, videos
@@ -69,10 +69,10 @@ def _openapi(app: FastAPI) -> dict:
         schema = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
         # The create route parses its body itself (JSON or multipart); its two schemas are documented here.
         components = schema.setdefault("components", {}).setdefault("schemas", {})
-        for model in (VideoCreate, VideoCreateForm):
-            body = model.model_json_schema(ref_template="#/components/schemas/{model}")
-            components.update(body.pop("$defs", {}))
-            components[model.__name__] = body
+        body = VideoCreate.model_json_schema(ref_template="#/components/schemas/{model}")
+        components.update(body.pop("$defs", {}))
+        components["VideoCreate"] = body
+        components["VideoCreateForm"] = form_schema(body)
         for ops in schema["paths"].values():
             for op in ops.values():
                 op["responses"].pop("422", None)

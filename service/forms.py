@@ -7,46 +7,41 @@ an uploaded file, whose bytes travel beside the model.
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
 
 from service.jobs import RequestRejected
-from service.schemas import MAX_PROMPT_CHARS, MAX_SEED, VideoCreate
+from service.schemas import VideoCreate
 from service.settings import Settings
 
 _NESTED = re.compile(r"^([a-z_]+)\[([^\]]*)\]$")
 _MAX_FIELDS = 64
 
 
-class VideoCreateForm(BaseModel):
-    """The multipart/form-data form of VideoCreate (documentation only; parsed by `parse_create`)."""
-
-    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
-    model: str | None = None
-    size: str | None = Field(None, pattern=r"^[0-9]{1,5}x[0-9]{1,5}$")
-    seconds: str | None = Field(None, pattern=r"^[0-9]{1,3}$")
-    input_reference: bytes | None = Field(
-        None,
-        json_schema_extra={"format": "binary"},
-        description="Image-to-video: the first frame as a PNG, JPEG or WebP file. "
+def form_schema(video_create: dict) -> dict:
+    """The multipart/form-data schema of POST /v1/videos, derived from VideoCreate's JSON schema so the two
+    cannot drift: the same fields and limits, with input_reference as an uploaded file."""
+    schema = copy.deepcopy(video_create)
+    schema["title"] = "VideoCreateForm"
+    schema["description"] = "POST /v1/videos as multipart/form-data, as the openai SDK sends it."
+    # Nested fields arrive flattened (metadata[KEY], input_reference[image_url]): not a closed set of names.
+    schema.pop("additionalProperties", None)
+    schema["properties"]["input_reference"] = {
+        "type": "string",
+        "format": "binary",
+        "description": "Image-to-video: the first frame as a PNG, JPEG or WebP file. "
         "Alternatively a field input_reference[image_url] with a data URL.",
-    )
-    negative_prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
-    seed: int | None = Field(None, ge=0, le=MAX_SEED)
-    num_inference_steps: int | None = Field(None, ge=1)
-    guidance_scale: float | None = Field(None, ge=0.0, le=20.0, allow_inf_nan=False)
-    metadata: dict[str, str] | None = Field(
-        None, description="Up to 16 pairs, sent as fields metadata[KEY]=VALUE.", max_length=16
-    )
-    enhance_prompt: bool | None = None
-    webhook_url: str | None = Field(None, max_length=2048)
+    }
+    schema["properties"]["metadata"]["description"] += " In a form: fields metadata[KEY]=VALUE."
+    return schema
 
 
 def body_limit(settings: Settings) -> int:
