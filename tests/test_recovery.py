@@ -271,7 +271,9 @@ def test_sigterm_requeues_after_grace_or_finishes_within_it(redis_server, worker
     store = JobStore(r, settings)
     env = {**worker_env, "K5_REDIS_URL": url}
     log = tmp_path / "workers.log"
-    procs = [start_worker(env, log, K5_SHUTDOWN_GRACE_S="0.3")]
+    # No grace: the tiny model's 50 steps take well under a second here, so a grace could let the job finish
+    # (a 0.3 s one did, with rq 3.0 on a fast machine).
+    procs = [start_worker(env, log, K5_SHUTDOWN_GRACE_S="0")]
     try:
         wait_until(lambda: store.workers_online(spec.id), 120, "worker online", log)
         slow = new_job(store, spec, steps=50, seconds="2")
