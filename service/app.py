@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request, Response
 from fastapi.openapi.utils import get_openapi
@@ -14,6 +17,7 @@ from service.auth import KeyRing, Limits
 from service.forms import form_schema
 from service.jobs import JobStore, connect_redis
 from service.logs import setup_logging
+from service.recovery import Janitor
 from service.routes import health, models, playground, videos
 from service.schemas import VideoCreate
 from service.settings import Settings
@@ -27,6 +31,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         settings = Settings()
         setup_logging(settings.log_level, settings.log_format)
     app = FastAPI(
+        lifespan=_lifespan,
         title="k5serve",
         version="0.1.0",
         summary="Kandinsky 5.0 video generation behind an OpenAI-videos-compatible API.",
@@ -45,6 +50,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(playground.router)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    # The gateway is the one process that is always up, so it also runs the janitor (see recovery.Janitor).
+    janitor = Janitor(app.state.store, app.state.storage, f"gateway-{socket.gethostname()}-{os.getpid()}")
+    janitor.start()
+    try:
+        yield
+    finally:
+        janitor.stop()
 
 
 async def _observe(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:

@@ -85,6 +85,11 @@ def connect_redis(settings: Settings) -> redis.Redis:
     )
 
 
+def video_id_of(rq_id: str) -> str:
+    """The video an RQ job runs: its id, or its id plus `-r<hex>` once requeued."""
+    return rq_id.split("-r", 1)[0]
+
+
 def new_video_id() -> str:
     # Time-ordered (hex nanoseconds, fixed width) so ids sort by creation, plus 64 random bits.
     return f"video_{time.time_ns():016x}{secrets.token_hex(8)}"
@@ -189,19 +194,27 @@ class JobStore:
             pipe.set(video_key(rec.id), rec.model_dump_json())
             pipe.zadd(index_key(rec.owner), {rec.id: 0})
             pipe.sadd(inflight_key(rec.owner), rec.id)
-            self.queue(rec.model).enqueue_call(
-                JOB_FUNC,
-                args=(rec.id,),
-                job_id=rec.id,
-                timeout=self.settings.job_timeout_s,
-                # The job record is the result; RQ's own copy is not needed.
-                result_ttl=0,
-                failure_ttl=7 * 86400,
-                description=f"video {rec.id}",
-                pipeline=pipe,
-            )
+            self.enqueue(pipe, rec.model, rec.id, rec.id, description=f"video {rec.id}")
             pipe.execute()
         log.info("queued", extra={"video_id": rec.id, "model": rec.model})
+
+    def enqueue(
+        self, pipe: Any, model: str, video_id: str, rq_id: str, *, description: str, at_front: bool = False
+    ) -> None:
+        """Put one RQ job for `video_id` on its model's queue, inside the caller's transaction. A requeued video
+        gets a new `rq_id` each time: the attempt record names the current one, and only that one may start."""
+        self.queue(model).enqueue_call(
+            JOB_FUNC,
+            args=(video_id,),
+            job_id=rq_id,
+            timeout=self.settings.job_timeout_s,
+            # The job record is the result; RQ's own copy is not needed.
+            result_ttl=0,
+            failure_ttl=7 * 86400,
+            description=description,
+            at_front=at_front,
+            pipeline=pipe,
+        )
 
     def inflight(self, owner: str) -> int:
         return int(self.r.scard(inflight_key(owner)))
@@ -394,13 +407,12 @@ class JobStore:
         """Per model: queued, in progress, oldest queued age, workers online (for /metrics)."""
         stats = {}
         now = time.time()
-        announced = {m.decode() for m in self.r.smembers("k5:models")}
-        for model in sorted(announced | set(self.settings.served_model_ids)):
+        for model in self.queue_models():
             queue = self.queue(model)
             head = queue.get_job_ids(0, 1)
             oldest = 0.0
             if head:
-                rec = self.get(head[0])
+                rec = self.get(video_id_of(head[0]))
                 oldest = now - rec.created_at if rec else 0.0
             stats[model] = {
                 "queued": queue.count,
@@ -411,6 +423,12 @@ class JobStore:
         return stats
 
     # -- models and workers --------------------------------------------------------------------------------
+
+    def queue_models(self) -> list[str]:
+        """Every model that can have a queue here: announced by a worker, declared served, or queued for on RQ."""
+        announced = {m.decode() for m in self.r.smembers("k5:models")}
+        queued = {q.name for q in Queue.all(connection=self.r)}
+        return sorted(announced | queued | set(self.settings.served_model_ids))
 
     def announce(self, spec: ModelSpec, worker: str) -> None:
         """A worker's heartbeat: its model is online while beats keep coming."""

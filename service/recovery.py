@@ -6,7 +6,8 @@ Redis keys:
   k5:attempt:<id>    hash: n (runs started), owner (token of the current run), rq (the RQ job id of that run)
   k5:running         set of video ids with a run in progress: all the reaper has to look at
   k5:expiry          sorted set video id -> expires_at of its stored assets
-  k5:lock:janitor    one janitor pass at a time across all workers
+  k5:lock:janitor    one janitor pass at a time across all the processes that run it (gateways and workers)
+  k5:limbo:<rq id>   when the janitor first saw an RQ job taken off its queue but not started
 
 Why a token per run and not the worker's name: a worker that was only frozen (a long GC or swap pause, SIGSTOP,
 a network partition) can come back after its job was requeued and started elsewhere. Every write a run makes
@@ -18,13 +19,14 @@ from __future__ import annotations
 
 import logging
 import secrets
+import threading
 import time
 from typing import Any
 
 import redis
 from rq.job import Job
 
-from service.jobs import JOB_FUNC, JobRecord, JobStore, video_key
+from service.jobs import JobRecord, JobStore, video_id_of, video_key
 from service.schemas import VideoError
 from service.storage import Storage
 
@@ -43,6 +45,30 @@ if redis.call('hget', KEYS[2], 'owner') == ARGV[1] then
 end
 return 0
 """
+
+
+class Janitor(threading.Thread):
+    """The janitor pass on a timer, for a process that is always up: the gateway. Workers run it from their
+    heartbeat too, but a pool scaled to zero, or one whose every worker died, runs nothing: a job whose worker
+    was lost would stay in_progress, out of the queue that the autoscaler watches, and no worker would ever
+    start for it."""
+
+    def __init__(self, store: JobStore, storage: Storage, holder: str) -> None:
+        super().__init__(name="k5-janitor", daemon=True)
+        self.leases, self.storage, self.holder = Leases(store), storage, holder
+        self.interval = store.settings.heartbeat_s
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.interval):
+            try:
+                self.leases.janitor(self.storage, self.holder)
+            except Exception:  # Redis or storage away for a while: the next pass tries again
+                log.warning("janitor pass failed", exc_info=True)
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.join(timeout=5)
 
 
 class NotOwner(Exception):
@@ -84,6 +110,11 @@ class Leases:
                         return None
                     rec = JobRecord.model_validate_json(raw)
                     if rec.status != "queued":
+                        return None
+                    # Only the video's current RQ job may start it: an older one (requeued since, by the reaper or
+                    # by redeliver) comes from a worker that was frozen or lost it and must not run it again.
+                    current = (pipe.hget(akey, "rq") or b"").decode() or video_id
+                    if rq_job_id != current:
                         return None
                     new = rec.model_copy(update={**changes, "status": "in_progress", "worker": worker})
                     pipe.multi()
@@ -202,17 +233,9 @@ class Leases:
                         pipe.hdel(akey, "owner")
                         pipe.delete(lkey)
                         pipe.srem(RUNNING, video_id)
-                        self.store.queue(rec.model).enqueue_call(
-                            JOB_FUNC,
-                            args=(video_id,),
-                            job_id=rq_id,
-                            timeout=self.settings.job_timeout_s,
-                            result_ttl=0,
-                            failure_ttl=7 * 86400,
-                            description=f"video {video_id} (requeued)",
-                            # It waited its turn once already.
-                            at_front=True,
-                            pipeline=pipe,
+                        # It waited its turn once already: to the front.
+                        self.store.enqueue(
+                            pipe, rec.model, video_id, rq_id, description=f"video {video_id} (requeued)", at_front=True
                         )
                         pipe.execute()
                         outcome = "requeued"
@@ -235,6 +258,71 @@ class Leases:
             counts[outcome] = counts.get(outcome, 0) + 1
         return counts
 
+    def redeliver(self, now: float | None = None) -> int:
+        """Requeue the queued jobs whose RQ job a worker took off the queue but never started.
+
+        A worker killed in the moment between RQ's dequeue and the run's lease (SIGKILL, the OOM killer, a lost
+        node) leaves the record `queued` and its RQ job in the queue's intermediate list or started registry,
+        or, once RQ's own maintenance has filed it as abandoned, in the failed registry: nothing would ever run
+        it, and with scale-to-zero no worker would even start for it. A live worker starts its job within
+        milliseconds of taking it, so one still unstarted after a lease period was lost; a frozen worker that
+        comes back later is refused by `start`, which only runs the video's current RQ job.
+        """
+        now = time.time() if now is None else now
+        grace = self.lease_ms / 1000
+        moved = 0
+        for model in self.store.queue_models():
+            queue = self.store.queue(model)
+            taken = queue.intermediate_queue.get_job_ids()
+            started = queue.started_job_registry.get_job_ids(cleanup=False)
+            failed = queue.failed_job_registry.get_job_ids(cleanup=False)
+            for rq_id in dict.fromkeys([*taken, *started, *failed]):
+                job = queue.fetch_job(rq_id)
+                video_id = video_id_of(rq_id)
+                rec = self.store.get(video_id)
+                current = (self.r.hget(attempt_key(video_id), "rq") or b"").decode() or video_id
+                if rec is None or rec.status != "queued" or current != rq_id:
+                    continue  # started, final, gone, or an older RQ job of a requeued video
+                if rq_id not in failed:
+                    if job is not None and job.started_at is not None:
+                        since = job.started_at.timestamp()
+                    else:  # taken but not started: RQ keeps no time for that, so note when it was first seen
+                        limbo = f"k5:limbo:{rq_id}"
+                        self.r.set(limbo, now, nx=True, ex=86400)
+                        since = float(self.r.get(limbo) or now)
+                    if now - since < grace:
+                        continue
+                if self._redeliver(video_id, rq_id):
+                    moved += 1
+        return moved
+
+    def _redeliver(self, video_id: str, rq_id: str) -> bool:
+        key, akey = video_key(video_id), attempt_key(video_id)
+        with self.r.pipeline() as pipe:
+            try:
+                pipe.watch(key, akey)
+                raw = pipe.get(key)
+                rec = JobRecord.model_validate_json(raw) if raw else None
+                current = (pipe.hget(akey, "rq") or b"").decode() or video_id
+                if rec is None or rec.status != "queued" or current != rq_id:
+                    return False
+                new_id = f"{video_id}-r{secrets.token_hex(4)}"
+                pipe.multi()
+                pipe.hset(akey, "rq", new_id)
+                pipe.expire(akey, self.settings.asset_ttl_s + 7 * 86400)
+                self.store.enqueue(
+                    pipe, rec.model, video_id, new_id, description=f"video {video_id} (redelivered)", at_front=True
+                )
+                pipe.execute()
+            except redis.WatchError:
+                return False  # it moved meanwhile (started, cancelled): the next pass looks again
+        queue = self.store.queue(rec.model)
+        queue.intermediate_queue.remove(rq_id)
+        self._forget_rq_job(rec.model, rq_id)
+        self.r.delete(f"k5:limbo:{rq_id}")
+        log.warning("job redelivered: its worker was lost before it started", extra={"video_id": video_id})
+        return True
+
     def sweep_expired(self, storage: Storage, now: float | None = None, batch: int = 100) -> int:
         """Delete the stored assets of videos past their expires_at."""
         due = self.r.zrangebyscore(EXPIRY, "-inf", now or time.time(), start=0, num=batch)
@@ -246,10 +334,11 @@ class Leases:
         return len(due)
 
     def janitor(self, storage: Storage, holder: str) -> None:
-        """One pass of the periodic cleanup, run by whichever worker's heartbeat gets the lock first."""
+        """One pass of the periodic cleanup, run by whichever process (a gateway or a worker) gets the lock first."""
         if not self.r.set(JANITOR_LOCK, holder, nx=True, px=max(200, int(self.settings.heartbeat_s * 900))):
             return
         self.reap()
+        self.redeliver()
         self.sweep_expired(storage)
 
     def _settle(self, pipe: Any, new: JobRecord, effects: bool = True) -> None:

@@ -15,9 +15,11 @@ import pytest
 import redis
 import torch
 from botocore.exceptions import EndpointConnectionError
+from fastapi.testclient import TestClient
 from rq import Queue, SimpleWorker
 
 from service import storage as storage_mod
+from service.app import create_app
 from service.jobs import JobStore, connect_redis, plan_job
 from service.localstack import RedisServer, free_port, stop_process
 from service.models import resolve_model
@@ -224,6 +226,72 @@ def test_expired_assets_are_swept(r, settings, t2v):
     assert leases.sweep_expired(storage, now=done.expires_at + 1) == 1
     assert not any(storage.exists(f"{rec.id}/{a}") for a in ASSETS)
     assert r.zcard(EXPIRY) == 0
+
+
+# RQ's own worker code up to a point, then SIGKILL: what a worker killed in that moment leaves in Redis.
+DIE_AFTER = """
+import os, signal, sys
+import redis
+from rq import Queue, SimpleWorker
+
+class Dying(SimpleWorker):
+    def execute_job(self, job, queue):
+        if sys.argv[2] == "prepare":
+            self.prepare_execution(job)
+            self.prepare_job_execution(job, remove_from_intermediate_queue=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+conn = redis.Redis.from_url(sys.argv[1])
+Dying([Queue(sys.argv[3], connection=conn)], connection=conn).work(burst=True)
+"""
+
+
+@pytest.mark.parametrize("dies", ["dequeue", "prepare", "prepare+rq-cleanup"])
+def test_job_whose_worker_died_before_starting_it_is_redelivered(r, redis_server, settings, t2v, dies):
+    spec, pipeline = t2v
+    store, storage = JobStore(r, settings), open_storage(settings)
+    leases = Leases(store)
+    rec = new_job(store, spec)
+    queue = Queue(spec.id, connection=r)
+    url = redis_server.url.replace("/0", "/1")
+    died = subprocess.run([sys.executable, "-c", DIE_AFTER, url, dies.split("+")[0], spec.id], cwd=ROOT, timeout=60)
+    assert died.returncode == -signal.SIGKILL
+    # Off the queue, never started: nothing would ever run it.
+    assert store.get(rec.id).status == "queued" and queue.count == 0
+    if dies.endswith("rq-cleanup"):
+        # RQ's own maintenance, later, files the execution as abandoned in its failed registry.
+        queue.started_job_registry.cleanup(timestamp=time.time() + 86400)
+        assert rec.id in queue.failed_job_registry.get_job_ids(cleanup=False)
+        assert leases.redeliver() == 1
+    else:
+        # A live worker starts its job within milliseconds: within a lease period it is left alone.
+        assert leases.redeliver() == 0 and queue.count == 0
+        assert leases.redeliver(now=time.time() + 1) == 1
+    assert leases.redeliver(now=time.time() + 1) == 0  # once
+    assert queue.count == 1 and queue.job_ids[0] != rec.id
+    # The dead worker's RQ job may not start the video any more, should that worker only have been frozen.
+    assert leases.start(rec.id, "frozen", rec.id) is None
+
+    runner.configure(runner.WorkerContext(store, storage, pipeline, "live", 3600))
+    SimpleWorker([queue], connection=r).work(burst=True)
+    done = store.get(rec.id)
+    assert done.status == "completed" and leases.attempts(rec.id) == 1
+    assert terminal_events(r, rec.id) == 1
+
+
+def test_gateway_reaps_when_no_worker_is_left(r, redis_server, settings, t2v):
+    """With every worker of a pool gone (or the pool scaled to zero) the gateway's janitor still requeues a job
+    whose worker died, so that it is back in the queue the autoscaler watches."""
+    spec, _ = t2v
+    store = JobStore(r, settings)
+    rec = new_job(store, spec)
+    queue = Queue(spec.id, connection=r)
+    queue.remove(rec.id)
+    assert Leases(store).start(rec.id, "dead", rec.id) is not None
+    gateway = settings.model_copy(update={"redis_url": redis_server.url.replace("/0", "/1"), "allow_anonymous": True})
+    with TestClient(create_app(gateway)):
+        wait_until(lambda: store.get(rec.id).status == "queued", 10, "the gateway requeued the job")
+    assert queue.count == 1 and Leases(store).attempts(rec.id) == 1
 
 
 # -- real worker processes ------------------------------------------------------------------------------------
