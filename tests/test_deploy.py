@@ -56,7 +56,7 @@ VALUE_SETS = {
                 "model": "/models/checkpoints/Kandinsky-5.0-I2V-Pro-sft-5s-Diffusers",
                 "modelId": "kandinsky-5.0-i2v-pro-sft-5s",
                 "replicas": 1,
-                "gpu": {"count": 2, "type": "NVIDIA-H200"},
+                "gpu": {"count": 1, "type": "NVIDIA-H200"},
                 "terminationGracePeriodSeconds": 1800,
                 "nodeSelector": {"pool": "video"},
             }
@@ -293,12 +293,22 @@ def test_redis_is_bundled_or_external_and_fenced_by_network_policies(case):
         {"workers": [{"name": "a", "gpu": {"count": 1}}]},
         {"workers": [{"name": "a", "model": "m", "gpu": {"count": 0}}]},
         {"workers": [{"name": "a", "model": "m", "gpu": {"count": "2"}}]},
+        {"workers": [{"name": "a", "model": "m", "gpu": {"count": 2}}]},
         {"workers": [{"name": "Not_A_Name", "model": "m", "gpu": {"count": 1}}]},
         {"image": {"worker": {"repository": "k5", "tag": "latest"}}},
         {"modelCache": {"type": "nfs"}},
         {"gatway": {"replicas": 3}},
     ],
-    ids=["no-model", "zero-gpus", "gpu-count-string", "bad-pool-name", "latest-tag", "unknown-cache", "typo"],
+    ids=[
+        "no-model",
+        "zero-gpus",
+        "gpu-count-string",
+        "idle-second-gpu",
+        "bad-pool-name",
+        "latest-tag",
+        "unknown-cache",
+        "typo",
+    ],
 )
 def test_schema_rejects_invalid_values(values):
     chart = helm_python.Chart.load(str(CHART))
