@@ -6,7 +6,9 @@
     python bench/pipeline.py --table a.json b.json               # one table from several runs
 
 Per case it runs the baseline first, then builds k5serve's VideoPipeline on the same components (compiling or
-hooking them in place), so both see identical weights. See BENCHMARKS.md for what the columns mean.
+hooking them in place), so both see identical weights. `ours+KEY=VALUE` adds a run of the worker with other settings
+on the same weights and seed, e.g. `--configs baseline,ours,ours+step_cache=taylorseer`: its row also says how much
+faster it is than plain `ours` and how far its frames moved from ours' (PSNR). See BENCHMARKS.md for the columns.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import argparse
 import datetime
 import gc
 import json
+import math
 import platform
 import sys
 import tempfile
@@ -25,6 +28,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from bench import flops, report, runs  # noqa: E402
@@ -48,7 +52,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="auto: as published (NABLA only for 10 s Lite); tiny runs one case of each")  # fmt: skip
     p.add_argument("--variants", default="sft", help=f"comma-separated of {','.join(VARIANTS)}")
     p.add_argument("--steps", type=int, default=None, help="steps timed (default: the variant's; tiny: 2)")
-    p.add_argument("--configs", default="baseline,ours", help="which configurations to run")
+    p.add_argument("--configs", default="baseline,ours",
+                   help="comma-separated: baseline, ours, ours+KEY=VALUE[+KEY=VALUE] (other settings)")  # fmt: skip
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="k5serve setting for 'ours'")
     p.add_argument("--enhance", action="store_true", help="ours expands the prompt (off: baseline does not)")
     p.add_argument("--upload-dir", type=Path, help="time an upload of the MP4 to this local directory")
@@ -118,24 +123,51 @@ def finish_row(row: dict, frames, case: Case, pipe, ceiling: float, video_steps:
     row["x_floor"] = row["video_s"] / row["floor_s"]
 
 
+def settings_for(args, overrides: list[str]) -> Settings:
+    """The worker's settings for one 'ours' configuration: --set, then the configuration's own KEY=VALUEs."""
+    values = {"enhance_prompt": "on" if args.enhance else "off"}
+    values.update(kv.split("=", 1) for kv in [*args.set, *overrides])
+    return Settings(**values)
+
+
+def psnr(frames, reference) -> float:
+    """PSNR in dB of uint8 frames against a reference (inf: identical)."""
+    mse = float(np.mean((frames.astype(np.float64) - reference.astype(np.float64)) ** 2))
+    return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
+
+
+def compare_to_ours(rows: list[dict], outputs: list[tuple[dict, object]]) -> None:
+    """Later `ours` rows (`ours+...`, or plain `ours` again) against the first plain `ours` on the same weights and
+    seed: how fast, and how far their frames moved."""
+    ref = next(((row, frames) for row, frames in outputs if row["config"] == "ours"), None)
+    if ref is None:
+        return
+    for row, frames in outputs:
+        if row is not ref[0] and row["config"].startswith("ours") and row.get("video_s") and ref[0].get("video_s"):
+            row["vs_ours"] = row["video_s"] / ref[0]["video_s"]
+            row["psnr_vs_ours_db"] = psnr(frames, ref[1])
+
+
 def run_case(case: Case, args, device: torch.device, dtype: torch.dtype, ceiling: float) -> list[dict]:
     steps_full, guidance, _ = VARIANTS[case.variant]
     steps = args.steps or (2 if args.tiny else steps_full)
     video_steps = steps if args.tiny else steps_full
-    settings = Settings(enhance_prompt="on" if args.enhance else "off", **dict(kv.split("=", 1) for kv in args.set))
     pipe = build_pipeline(case, device, dtype, smoke=args.smoke)
     pipe.set_progress_bar_config(disable=True)
     rows: list[dict] = []
     outputs: list[tuple[dict, object]] = []  # (row, frames) of the configurations that ran
     for config in args.configs.split(","):
         row = {"case": case.name, "config": config}
+        name, *overrides = config.split("+")
         try:
-            if config == "baseline":
+            if name == "baseline":
                 frames, stats = runs.baseline(pipe, case, steps, guidance, device, args.seed)
                 if hasattr(pipe, "remove_all_hooks"):
                     pipe.remove_all_hooks()  # undo model CPU offload before 'ours' takes the components
             else:
+                settings = settings_for(args, overrides)
                 frames, stats, pipeline = runs.ours(pipe, case, steps, guidance, device, args.seed, settings)
+                pipeline.step_cache.remove()  # the next configuration gets the transformer as it was
                 if case.nabla:
                     values = runs.nabla_kept(pipeline, case, guidance, args.seed)
                     stats["kept_mean"] = sum(values) / len(values)
@@ -153,6 +185,7 @@ def run_case(case: Case, args, device: torch.device, dtype: torch.dtype, ceiling
     kept = next((r["kept_mean"] for r in rows if "kept_mean" in r), None)
     for row, frames in outputs:
         finish_row(row, frames, case, pipe, ceiling, video_steps, kept, args)
+    compare_to_ours(rows, outputs)
     del pipe
     gc.collect()
     torch._dynamo.reset()
@@ -163,6 +196,8 @@ def run_case(case: Case, args, device: torch.device, dtype: torch.dtype, ceiling
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if unknown := [c for c in args.configs.split(",") if c.split("+")[0] not in ("baseline", "ours")]:
+        raise SystemExit(f"unknown configuration(s): {', '.join(unknown)} (baseline, ours or ours+KEY=VALUE)")
     if args.table:
         print(report.merge(args.table))
         return 0
@@ -172,8 +207,6 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = pick_dtype(Settings(), device)
     ceiling = flops.matmul_ceiling(device, dtype)
-    rows = [row for case in cases(args) for row in run_case(case, args, device, dtype, ceiling)]
-    report.add_ratios(rows)
     meta = {
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.machine()})",
@@ -186,9 +219,14 @@ def main(argv: list[str] | None = None) -> int:
         "video_steps": "timed" if args.tiny else "variant",
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
     }
+    rows: list[dict] = []
+    for case in cases(args):
+        rows += run_case(case, args, device, dtype, ceiling)
+        report.add_ratios(rows)
+        if args.json:
+            # After every case: a command cut off by its time limit still leaves the cases it finished.
+            args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2, default=str) + "\n")
     print(report.notes(meta) + "\n\n" + report.table(rows))
-    if args.json:
-        args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2, default=str) + "\n")
     return 0
 
 

@@ -26,6 +26,8 @@ COLUMNS = [
     ("x floor", "x_floor", "{:.2f}"),
     ("NABLA kept", "nabla_kept", "{}"),
     ("ours/baseline", "vs_baseline", "{:.2f}"),
+    ("/ours", "vs_ours", "{:.2f}"),
+    ("PSNR vs ours dB", "psnr_vs_ours_db", "{:.1f}"),
 ]
 NUMERIC = [key for _, key, fmt in COLUMNS if fmt != "{}"]
 
@@ -34,6 +36,8 @@ def cell(row: dict, key: str, fmt: str) -> str:
     value = row.get(key)
     if value is None:
         return "-"
+    if value == math.inf:  # a PSNR of identical frames
+        return "identical"
     return fmt.format(value)
 
 
@@ -64,19 +68,44 @@ def add_ratios(rows: list[dict]) -> None:
 
 
 def all_finite(rows: list[dict]) -> bool:
+    """Every timing and ratio is a finite number (a PSNR may be inf: identical frames)."""
     return all(
         isinstance(r[k], int | float) and math.isfinite(r[k])
         for r in rows
         if not r.get("error")
         for k in NUMERIC
-        if r.get(k) is not None
+        if r.get(k) is not None and k != "psnr_vs_ours_db"
     )
 
 
+def nabla_speedups(rows: list[dict]) -> list[str]:
+    """Dense over NABLA time for each case and configuration run both ways (the 10 s models' >= 2x target)."""
+    by_key: dict[tuple[str, str], dict[str, dict]] = {}
+    for row in rows:
+        shape, _, attention = row["case"].rpartition(" ")
+        if row.get("step_s") and attention in ("dense", "nabla"):
+            by_key.setdefault((shape, row["config"]), {})[attention] = row
+    lines = []
+    for (shape, config), pair in by_key.items():
+        if len(pair) == 2:
+            dense, nabla = pair["dense"], pair["nabla"]
+            step = dense["step_s"] / nabla["step_s"]
+            video = dense["video_s"] / nabla["video_s"] if dense.get("video_s") and nabla.get("video_s") else None
+            lines.append(
+                f"- {shape} / {config}: NABLA {step:.2f}x faster per step"
+                + (f", {video:.2f}x per video" if video else "")
+                + f" (s/step dense {dense['step_s']:.3f}, NABLA {nabla['step_s']:.3f})"
+            )
+    return lines
+
+
 def merge(paths: list[Path]) -> str:
-    """Tables of several --json files (a GPU session runs one case per command)."""
-    parts = []
+    """Tables of several --json files (a GPU session runs one case per command), then dense vs NABLA."""
+    parts, rows = [], []
     for path in paths:
         data = json.loads(Path(path).read_text())
         parts.append(f"{path}: {notes(data['meta'])}\n\n{table(data['rows'])}")
+        rows += data["rows"]
+    if speedups := nabla_speedups(rows):
+        parts.append("Dense vs NABLA attention:\n" + "\n".join(speedups))
     return "\n\n".join(parts)

@@ -59,12 +59,56 @@ def test_tiny_table_has_every_row_and_column(tiny_run):
     assert data["meta"]["ceiling_tflops"] > 0 and data["meta"]["device"].startswith("CPU")
 
 
+def test_step_cache_rows_say_their_speed_and_how_far_the_frames_moved(tmp_path):
+    """`ours+KEY=VALUE` runs the worker with other settings on the same weights and seed. TaylorSeer predicts most
+    steps after its warm-up, so its frames differ from uncached ours; recomputing more often keeps them closer."""
+    out = tmp_path / "cache.json"
+    configs = "ours,ours+step_cache=taylorseer,ours+step_cache=taylorseer+step_cache_interval=2,ours"
+    done = subprocess.run(
+        [sys.executable, "bench/pipeline.py", "--tiny", "--attention", "dense", "--steps", "8", "--configs", configs,
+         "--json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    plain, every5, every2, again = rows
+    assert not [r["error"] for r in rows if r.get("error")]
+    for cached in (every5, every2):
+        assert math.isfinite(cached["vs_ours"]) and cached["vs_ours"] > 0
+        assert 10 < cached["psnr_vs_ours_db"] < math.inf
+    assert every2["psnr_vs_ours_db"] > every5["psnr_vs_ours_db"]
+    # The cache came off the transformer again: a later plain run reproduces the first one exactly.
+    assert again["psnr_vs_ours_db"] == math.inf and "psnr_vs_ours_db" not in plain
+    assert "PSNR vs ours dB" in done.stdout
+
+    bad = subprocess.run([sys.executable, "bench/pipeline.py", "--tiny", "--configs", "ours,fast"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert bad.returncode != 0 and "unknown configuration(s): fast" in bad.stderr
+
+
 def test_saved_runs_print_as_one_table(tiny_run, tmp_path):
     data, _ = tiny_run
     saved = tmp_path / "run.json"
     saved.write_text(json.dumps(data))
     merged = report.merge([saved, saved])  # what `--table a.json b.json` prints
     assert merged.count("| tiny-sft ") == 8 and merged.count("matmul ceiling") == 2
+
+
+def test_merged_table_compares_dense_and_nabla_runs_of_one_shape(tmp_path):
+    rows = [
+        {"case": "lite-sft 768x512x241 dense", "config": "ours", "step_s": 6.0, "video_s": 400.0},
+        {"case": "lite-sft 768x512x241 nabla", "config": "ours", "step_s": 2.0, "video_s": 160.0},
+        {"case": "lite-sft 768x512x241 nabla", "config": "baseline", "step_s": 3.0, "video_s": 200.0},
+    ]
+    meta = {"device": "d", "torch": "t", "diffusers": "x", "transformers": "y", "ceiling_tflops": 1.0,
+            "dtype": "bfloat16", "steps": 5, "video_steps": "variant", "date": "today"}  # fmt: skip
+    paths = []
+    for i, part in enumerate((rows[:1], rows[1:])):  # one case per command, as a GPU session runs them
+        paths.append(tmp_path / f"{i}.json")
+        paths[-1].write_text(json.dumps({"meta": meta, "rows": part}))
+    merged = report.merge(paths)
+    assert "- lite-sft 768x512x241 / ours: NABLA 3.00x faster per step, 2.50x per video" in merged
+    assert "/ baseline: NABLA" not in merged  # no dense baseline to compare with
 
 
 def test_flop_model_matches_torch_count_and_reference():
@@ -86,3 +130,4 @@ def test_nabla_scales_only_self_attention():
     sparse = flops.transformer_flops(config, 47_616, 256, kept=0.09)
     assert sparse["linear"] == dense["linear"] and sparse["cross_attention"] == dense["cross_attention"]
     assert sparse["self_attention"] == pytest.approx(0.09 * dense["self_attention"])
+

@@ -42,8 +42,7 @@ class StepCacher:
         self._steps: int | None = None
         self._calls = 0
         self._cfg = False
-        if kind != "off":
-            transformer.register_forward_pre_hook(self._name_branch)
+        self._hook = transformer.register_forward_pre_hook(self._name_branch) if kind != "off" else None
 
     def _config(self, steps: int):
         from diffusers.hooks import MagCacheConfig, TaylorSeerCacheConfig
@@ -71,6 +70,14 @@ class StepCacher:
             self.transformer.enable_cache(self._config(steps))
             self._steps = steps
         self.transformer._reset_stateful_cache()
+
+    def remove(self) -> None:
+        """Take the cache off the transformer again (a benchmark compares cached and uncached on one model)."""
+        if self._hook is not None:
+            if self._steps is not None:
+                self.transformer.disable_cache()
+            self._hook.remove()
+            self._hook, self._steps = None, None
 
     @torch.compiler.disable
     def _name_branch(self, module, args) -> None:
