@@ -131,3 +131,22 @@ def test_nabla_scales_only_self_attention():
     assert sparse["linear"] == dense["linear"] and sparse["cross_attention"] == dense["cross_attention"]
     assert sparse["self_attention"] == pytest.approx(0.09 * dense["self_attention"])
 
+
+def test_warmup_bench_runs_fresh_processes_and_times_two_jobs(tmp_path):
+    """bench/warmup.py keeps running (compile off here: Inductor's CPU build of even the tiny model takes minutes;
+    BENCHMARKS.md has that measurement)."""
+    out = tmp_path / "warmup.json"
+    done = subprocess.run(
+        [sys.executable, "bench/warmup.py", "--tiny", "--runs", "2", "--set", "compile_transformer=off",
+         "--json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["run"] for r in rows] == [1, 2]
+    for row in rows:
+        assert row["compile"] == "off" and row["buckets"] == 6
+        for key in ("load_s", "warm_s", "first_job_s", "second_job_s"):
+            assert math.isfinite(row[key]) and row[key] > 0, key
+    assert rows[0]["cache"] == "empty"
+    assert "| first job s |" in done.stdout
