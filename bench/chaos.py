@@ -7,6 +7,11 @@ S3, the gateway, the webhook deliverer and W tiny text-to-video workers as real 
 on loopback. Submits N jobs with a webhook_url, then K times SIGKILLs a worker that is running a job (and starts a
 replacement), restarts Redis once half-way (SIGKILL, then start on the same port and directory), and waits until
 every job is terminal. Expected: lost 0, completed twice 0, one terminal event per job.
+
+Each kill waits until the replacements of earlier victims are up, as independent failures of a pool would. With
+`--rapid` it does not: kills then land while most of the pool is still loading, on the few jobs running, which are
+the requeued ones (they go to the head of the queue), so the same job dies again and again and ends `worker_lost`
+after K5_MAX_ATTEMPTS runs, as it should.
 """
 
 from __future__ import annotations
@@ -105,8 +110,8 @@ class Result:
 
 
 class Chaos:
-    def __init__(self, workdir: Path, workers: int, seed: int, steps: int) -> None:
-        self.workdir, self.n_workers, self.steps = workdir, workers, steps
+    def __init__(self, workdir: Path, workers: int, seed: int, steps: int, rapid: bool = False) -> None:
+        self.workdir, self.n_workers, self.steps, self.rapid = workdir, workers, steps, rapid
         self.rng = random.Random(seed)
         self.procs: dict[str, subprocess.Popen] = {}
         self.others: list[subprocess.Popen] = []
@@ -198,11 +203,20 @@ class Chaos:
     def records(self, ids: list[str]) -> dict[str, object]:
         return {i: self.store.get(i) for i in ids}
 
+    def pool_up(self) -> bool:
+        """Every worker process is warm and beating (a replacement announces itself once loaded)."""
+        now = time.time()
+        beats = [self.store.r.zscore(f"k5:workers:{self.model}", name) for name in self.procs]
+        return all(beat is not None and now - beat < 3 for beat in beats)
+
     def kill_one_running(self, ids: list[str], timeout: float = 60) -> bool:
         """SIGKILL a worker while it runs a job (past its first steps), then start a replacement."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
+                if not self.rapid and not self.pool_up():
+                    time.sleep(0.05)
+                    continue
                 running = [
                     rec
                     for rec in self.records(ids).values()
@@ -248,9 +262,10 @@ def run_chaos(
     steps: int = 12,
     timeout: float = 600,
     workdir: Path | None = None,
+    rapid: bool = False,
 ) -> Result:
     with tempfile.TemporaryDirectory(prefix="k5-chaos-") as tmp:
-        chaos = Chaos(Path(workdir or tmp), workers, seed, steps)
+        chaos = Chaos(Path(workdir or tmp), workers, seed, steps, rapid)
         t0 = time.monotonic()
         try:
             chaos.start()
@@ -317,6 +332,7 @@ def main() -> None:
     parser.add_argument("--no-redis-restart", action="store_true")
     parser.add_argument("--timeout", type=float, default=600)
     parser.add_argument("--keep-logs", type=Path, help="directory for the processes' logs (kept)")
+    parser.add_argument("--rapid", action="store_true", help="kill without waiting for replacements to be up")
     args = parser.parse_args()
     if args.keep_logs:
         args.keep_logs.mkdir(parents=True, exist_ok=True)
@@ -329,6 +345,7 @@ def main() -> None:
         args.steps,
         args.timeout,
         args.keep_logs,
+        args.rapid,
     )
     print(result.table())
     sys.exit(0 if result.lost == 0 and result.completed_twice == 0 else 1)
