@@ -85,6 +85,11 @@ def connect_redis(settings: Settings) -> redis.Redis:
     )
 
 
+def attempt_key(video_id: str) -> str:
+    """Hash: n (deliveries a worker took), owner (token of the current run), rq (the current RQ job id)."""
+    return f"k5:attempt:{video_id}"
+
+
 def video_id_of(rq_id: str) -> str:
     """The video an RQ job runs: its id, or its id plus `-r<hex>` once requeued."""
     return rq_id.split("-r", 1)[0]
@@ -254,7 +259,12 @@ class JobStore:
         """
         rec = self.update(video_id, "failed", error={"code": "cancelled", "message": "The job was cancelled."})
         if rec is not None:
-            self.queue(rec.model).remove(video_id)
+            # Its current RQ job: a requeued or redelivered video waits under a new id.
+            current = (self.r.hget(attempt_key(video_id), "rq") or b"").decode() or video_id
+            queue = self.queue(rec.model)
+            for rq_id in dict.fromkeys([video_id, current]):
+                if queue.remove(rq_id):  # still waiting, so no worker holds it: its RQ job can go too
+                    self.r.delete(queue.job_class.key_for(rq_id))
             log.info("cancelled", extra={"video_id": video_id})
         return rec
 

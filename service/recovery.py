@@ -3,7 +3,8 @@
 Redis keys:
   k5:lease:<id>      the owner token of the run in progress, with a short TTL that the worker's heartbeat
                      thread refreshes; an expired lease means the worker is gone (SIGKILL, node loss, OOM killer)
-  k5:attempt:<id>    hash: n (runs started), owner (token of the current run), rq (the RQ job id of that run)
+  k5:attempt:<id>    hash: n (deliveries a worker took: runs started, and deliveries lost before their run
+                     started), owner (token of the current run), rq (the video's current RQ job id)
   k5:running         set of video ids with a run in progress: all the reaper has to look at
   k5:expiry          sorted set video id -> expires_at of its stored assets
   k5:lock:janitor    one janitor pass at a time across all the processes that run it (gateways and workers)
@@ -26,7 +27,7 @@ from typing import Any
 import redis
 from rq.job import Job
 
-from service.jobs import JobRecord, JobStore, video_id_of, video_key
+from service.jobs import JobRecord, JobStore, attempt_key, video_id_of, video_key
 from service.schemas import VideoError
 from service.storage import Storage
 
@@ -77,10 +78,6 @@ class NotOwner(Exception):
 
 def lease_key(video_id: str) -> str:
     return f"k5:lease:{video_id}"
-
-
-def attempt_key(video_id: str) -> str:
-    return f"k5:attempt:{video_id}"
 
 
 class Leases:
@@ -206,18 +203,8 @@ class Leases:
                     n = int(pipe.hget(akey, "n") or 0)
                     old_rq = (pipe.hget(akey, "rq") or b"").decode()
                     if token is None and n >= self.settings.max_attempts:
-                        new = rec.model_copy(
-                            update={
-                                "status": "failed",
-                                "error": VideoError(
-                                    code="worker_lost",
-                                    message=f"The worker running this job was lost {n} times; giving up.",
-                                ),
-                            }
-                        )
                         pipe.multi()
-                        pipe.set(key, new.model_dump_json(), keepttl=True)
-                        self._settle(pipe, new)
+                        self._give_up(pipe, rec, n)
                         pipe.execute()
                         outcome = "failed"
                     else:
@@ -277,26 +264,33 @@ class Leases:
             started = queue.started_job_registry.get_job_ids(cleanup=False)
             failed = queue.failed_job_registry.get_job_ids(cleanup=False)
             for rq_id in dict.fromkeys([*taken, *started, *failed]):
-                job = queue.fetch_job(rq_id)
-                video_id = video_id_of(rq_id)
-                rec = self.store.get(video_id)
-                current = (self.r.hget(attempt_key(video_id), "rq") or b"").decode() or video_id
-                if rec is None or rec.status != "queued" or current != rq_id:
-                    continue  # started, final, gone, or an older RQ job of a requeued video
-                if rq_id not in failed:
-                    if job is not None and job.started_at is not None:
-                        since = job.started_at.timestamp()
-                    else:  # taken but not started: RQ keeps no time for that, so note when it was first seen
-                        limbo = f"k5:limbo:{rq_id}"
-                        self.r.set(limbo, now, nx=True, ex=86400)
-                        since = float(self.r.get(limbo) or now)
-                    if now - since < grace:
-                        continue
-                if self._redeliver(video_id, rq_id):
-                    moved += 1
+                try:
+                    moved += self._check_delivery(queue, rq_id, rq_id in failed, now, grace)
+                except Exception:  # one bad entry must not stop the pass (nor the expiry sweep after it)
+                    log.warning("could not check RQ job %s", rq_id, exc_info=True)
         return moved
 
+    def _check_delivery(self, queue: Any, rq_id: str, failed: bool, now: float, grace: float) -> bool:
+        video_id = video_id_of(rq_id)
+        rec = self.store.get(video_id)
+        current = (self.r.hget(attempt_key(video_id), "rq") or b"").decode() or video_id
+        if rec is None or rec.status != "queued" or current != rq_id:
+            return False  # started, final, gone, or an older RQ job of a requeued video
+        if not failed:
+            job = queue.fetch_job(rq_id)
+            if job is not None and job.started_at is not None:
+                since = job.started_at.timestamp()
+            else:  # taken but not started: RQ keeps no time for that, so note when it was first seen
+                limbo = f"k5:limbo:{rq_id}"
+                self.r.set(limbo, now, nx=True, ex=86400)
+                since = float(self.r.get(limbo) or now)
+            if now - since < grace:
+                return False
+        return self._redeliver(video_id, rq_id)
+
     def _redeliver(self, video_id: str, rq_id: str) -> bool:
+        """The lost delivery counts as an attempt: a job that never gets to start (a worker that dies on taking
+        it, an error in RQ before the run) ends worker_lost after max_attempts instead of cycling forever."""
         key, akey = video_key(video_id), attempt_key(video_id)
         with self.r.pipeline() as pipe:
             try:
@@ -306,13 +300,18 @@ class Leases:
                 current = (pipe.hget(akey, "rq") or b"").decode() or video_id
                 if rec is None or rec.status != "queued" or current != rq_id:
                     return False
-                new_id = f"{video_id}-r{secrets.token_hex(4)}"
+                n = int(pipe.hget(akey, "n") or 0) + 1
                 pipe.multi()
-                pipe.hset(akey, "rq", new_id)
-                pipe.expire(akey, self.settings.asset_ttl_s + 7 * 86400)
-                self.store.enqueue(
-                    pipe, rec.model, video_id, new_id, description=f"video {video_id} (redelivered)", at_front=True
-                )
+                pipe.hset(akey, "n", n)
+                if n >= self.settings.max_attempts:
+                    self._give_up(pipe, rec, n)
+                else:
+                    new_id = f"{video_id}-r{secrets.token_hex(4)}"
+                    pipe.hset(akey, "rq", new_id)
+                    pipe.expire(akey, self.settings.asset_ttl_s + 7 * 86400)
+                    self.store.enqueue(
+                        pipe, rec.model, video_id, new_id, description=f"video {video_id} (redelivered)", at_front=True
+                    )
                 pipe.execute()
             except redis.WatchError:
                 return False  # it moved meanwhile (started, cancelled): the next pass looks again
@@ -320,8 +319,22 @@ class Leases:
         queue.intermediate_queue.remove(rq_id)
         self._forget_rq_job(rec.model, rq_id)
         self.r.delete(f"k5:limbo:{rq_id}")
-        log.warning("job redelivered: its worker was lost before it started", extra={"video_id": video_id})
+        outcome = "failed" if n >= self.settings.max_attempts else "redelivered"
+        log.warning(f"job {outcome}: a worker took it but never started it", extra={"video_id": video_id})
         return True
+
+    def _give_up(self, pipe: Any, rec: JobRecord, n: int) -> None:
+        """in_progress or queued -> failed with worker_lost, inside the caller's transaction (after multi)."""
+        new = rec.model_copy(
+            update={
+                "status": "failed",
+                "error": VideoError(
+                    code="worker_lost", message=f"The worker running this job was lost {n} times; giving up."
+                ),
+            }
+        )
+        pipe.set(video_key(rec.id), new.model_dump_json(), keepttl=True)
+        self._settle(pipe, new)
 
     def sweep_expired(self, storage: Storage, now: float | None = None, batch: int = 100) -> int:
         """Delete the stored assets of videos past their expires_at."""
@@ -337,9 +350,12 @@ class Leases:
         """One pass of the periodic cleanup, run by whichever process (a gateway or a worker) gets the lock first."""
         if not self.r.set(JANITOR_LOCK, holder, nx=True, px=max(200, int(self.settings.heartbeat_s * 900))):
             return
-        self.reap()
-        self.redeliver()
-        self.sweep_expired(storage)
+        # Each step on its own: one that fails (a bad record, storage away) must not stop the others.
+        for step in (self.reap, self.redeliver, lambda: self.sweep_expired(storage)):
+            try:
+                step()
+            except Exception:
+                log.warning("janitor step failed", exc_info=True)
 
     def _settle(self, pipe: Any, new: JobRecord, effects: bool = True) -> None:
         """What every terminal transition of a run does, inside its transaction (JobStore.update already

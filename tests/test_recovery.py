@@ -17,6 +17,7 @@ import torch
 from botocore.exceptions import EndpointConnectionError
 from fastapi.testclient import TestClient
 from rq import Queue, SimpleWorker
+from rq.job import Job
 
 from service import storage as storage_mod
 from service.app import create_app
@@ -275,8 +276,54 @@ def test_job_whose_worker_died_before_starting_it_is_redelivered(r, redis_server
     runner.configure(runner.WorkerContext(store, storage, pipeline, "live", 3600))
     SimpleWorker([queue], connection=r).work(burst=True)
     done = store.get(rec.id)
-    assert done.status == "completed" and leases.attempts(rec.id) == 1
+    assert done.status == "completed" and leases.attempts(rec.id) == 2  # the lost delivery counts
     assert terminal_events(r, rec.id) == 1
+
+
+def test_a_job_that_never_starts_ends_worker_lost_and_cancel_clears_its_redelivery(r, redis_server, settings, t2v):
+    spec, _ = t2v
+    store, leases = JobStore(r, settings), Leases(JobStore(r, settings))
+    queue = Queue(spec.id, connection=r)
+    url = redis_server.url.replace("/0", "/1")
+
+    def lose_delivery() -> None:
+        died = subprocess.run([sys.executable, "-c", DIE_AFTER, url, "dequeue", spec.id], cwd=ROOT, timeout=60)
+        assert died.returncode == -signal.SIGKILL
+        assert leases.redeliver() == 0
+        assert leases.redeliver(now=time.time() + 1) == 1
+
+    # Every worker that takes it dies before it starts: after max_attempts (2 here) it fails instead of cycling.
+    doomed = new_job(store, spec)
+    lose_delivery()
+    assert store.get(doomed.id).status == "queued" and queue.count == 1
+    lose_delivery()
+    failed = store.get(doomed.id)
+    assert failed.status == "failed" and failed.error.code == "worker_lost" and leases.attempts(doomed.id) == 2
+    assert queue.count == 0 and terminal_events(r, doomed.id) == 1
+
+    # A cancel takes the video's current RQ job off the queue, whatever its id is now.
+    waiting = new_job(store, spec)
+    lose_delivery()
+    rq_id = queue.job_ids[0]
+    assert rq_id.startswith(f"{waiting.id}-r")
+    store.cancel(waiting.id)
+    assert queue.count == 0 and not r.exists(Job.key_for(rq_id))
+
+
+def test_one_bad_entry_does_not_stop_the_janitor(r, settings, t2v):
+    spec, pipeline = t2v
+    store, storage = JobStore(r, settings), open_storage(settings)
+    runner.configure(runner.WorkerContext(store, storage, pipeline, "w", asset_ttl_s=0))
+    rec = new_job(store, spec)
+    queue = Queue(spec.id, connection=r)
+    SimpleWorker([queue], connection=r).work(burst=True)
+    assert storage.exists(f"{rec.id}/video.mp4")
+    # A record this version cannot read, whose RQ job a worker took: the redelivery check fails on it ...
+    r.set("k5:video:video_unreadable", "{not json")
+    r.rpush(queue.intermediate_queue_key, "video_unreadable")
+    Leases(store).janitor(storage, "test")
+    # ... and the expiry sweep after it still runs.
+    assert not storage.exists(f"{rec.id}/video.mp4") and r.zcard(EXPIRY) == 0
 
 
 def test_gateway_reaps_when_no_worker_is_left(r, redis_server, settings, t2v):
