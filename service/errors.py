@@ -59,10 +59,21 @@ def _param_of(loc: tuple[Any, ...]) -> str | None:
     return ".".join(parts) or None
 
 
+# What a pattern of the API's schema means, for people: pydantic's own message quotes the regex.
+PATTERN_HINTS = {
+    r"\S": "must not be blank",
+    r"^[0-9]{1,5}x[0-9]{1,5}$": "must be WIDTHxHEIGHT, e.g. '768x512'",
+    r"^[0-9]{1,3}$": "must be a whole number of seconds, as a string, e.g. '5'",
+    r"^video_[0-9a-f]{32}$": "must be a video id, as returned by POST /v1/videos",
+}
+
+
 def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     first = exc.errors()[0]
     param = _param_of(tuple(first.get("loc", ())))
     msg = first.get("msg", "invalid value")
+    if first.get("type") == "string_pattern_mismatch":
+        msg = PATTERN_HINTS.get(str(first.get("ctx", {}).get("pattern")), msg)
     if first.get("type") == "json_invalid":
         return "The request body is not valid JSON.", None
     if first.get("type") == "missing":

@@ -71,7 +71,7 @@ async def parse_create(request: Request, settings: Settings) -> tuple[VideoCreat
     if ctype in ("multipart/form-data", "application/x-www-form-urlencoded"):
         return await _parse_form(request, settings, limit)
     raise RequestRejected(
-        "Send the request as application/json or multipart/form-data.",
+        "Send the request as application/json or multipart/form-data (application/x-www-form-urlencoded also works).",
         code="unsupported_media_type",
         status=415,
     )

@@ -192,16 +192,31 @@ class JobStore:
     def queue(self, model: str) -> Queue:
         return Queue(name=model, connection=self.r)
 
-    def create(self, rec: JobRecord) -> None:
-        """Store the record and enqueue its job in one transaction: both happen or neither."""
+    def create(self, rec: JobRecord, max_inflight: int | None = None) -> bool:
+        """Store the record and enqueue its job in one transaction: both happen or neither.
+
+        With `max_inflight`, only while the owner has fewer videos queued or in progress, checked in the same
+        transaction, so that concurrent requests cannot overshoot it together. Returns False if it had as many.
+        """
+        inflight = inflight_key(rec.owner)
         with self.r.pipeline() as pipe:
-            pipe.multi()
-            pipe.set(video_key(rec.id), rec.model_dump_json())
-            pipe.zadd(index_key(rec.owner), {rec.id: 0})
-            pipe.sadd(inflight_key(rec.owner), rec.id)
-            self.enqueue(pipe, rec.model, rec.id, rec.id, description=f"video {rec.id}")
-            pipe.execute()
+            while True:
+                try:
+                    if max_inflight is not None:
+                        pipe.watch(inflight)
+                        if pipe.scard(inflight) >= max_inflight:
+                            return False
+                    pipe.multi()
+                    pipe.set(video_key(rec.id), rec.model_dump_json())
+                    pipe.zadd(index_key(rec.owner), {rec.id: 0})
+                    pipe.sadd(inflight, rec.id)
+                    self.enqueue(pipe, rec.model, rec.id, rec.id, description=f"video {rec.id}")
+                    pipe.execute()
+                    break
+                except redis.WatchError:
+                    continue  # another of the owner's videos was created or finished meanwhile: check again
         log.info("queued", extra={"video_id": rec.id, "model": rec.model})
+        return True
 
     def enqueue(
         self, pipe: Any, model: str, video_id: str, rq_id: str, *, description: str, at_front: bool = False
@@ -384,10 +399,15 @@ class JobStore:
         if rec.status == "in_progress":
             eta = None if own is None else now + own * (1 - rec.progress / 100)
             return rec.public(estimated_completion_at=None if eta is None else int(eta))
-        position = self.queue(rec.model).get_job_position(rec.id)
+        # Its current RQ job (a requeued video waits under a new id); not in the queue any more means a worker
+        # has just taken it and is starting it: next in line.
+        rq_id = (self.r.hget(attempt_key(rec.id), "rq") or b"").decode() or rec.id
+        position = self.queue(rec.model).get_job_position(rq_id)
+        if position is None:
+            position = 0
         workers = self.workers_online(rec.model)
         eta = None
-        if own is not None and workers and position is not None:
+        if own is not None and workers:
             # Jobs ahead are assumed to be like this one; running jobs are on average half done.
             eta = now + (position // workers + 0.5) * own + own
         return rec.public(queue_position=position, estimated_completion_at=None if eta is None else int(eta))

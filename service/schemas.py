@@ -34,7 +34,9 @@ class VideoCreate(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS, description="What the video shows.")
+    prompt: str = Field(
+        min_length=1, max_length=MAX_PROMPT_CHARS, pattern=r"\S", description="What the video shows (not only blanks)."
+    )
     model: str | None = Field(None, description="Model id; the deployment's default text-to-video model if unset.")
     size: str | None = Field(
         None,

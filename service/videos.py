@@ -76,7 +76,10 @@ def submit(
             )
             rec.input_key = asset_key(rec.id, INPUT_IMAGE)
             storage.put_bytes(rec.input_key, png, "image/png")
-        store.create(rec)
+        if not store.create(rec, max_inflight=settings.max_inflight_per_key):
+            if rec.input_key:
+                storage.delete_prefix(rec.id)
+            raise too_many_inflight(settings)
     except BaseException:
         if idempotency_key is not None:
             store.release_idempotency(owner, idempotency_key)
@@ -87,17 +90,22 @@ def submit(
 def check_capacity(store: JobStore, settings: Settings, owner: str, model: str) -> None:
     """Backpressure before anything is stored: the key's jobs in flight, and the model's queue.
 
-    Not atomic with the enqueue: a burst of concurrent requests can pass the check together and overshoot by
-    its size, which is fine for a fairness limit.
+    The in-flight limit is checked again, atomically, when the job is created (JobStore.create); this early
+    check only spares a request that would be refused the image upload. The queue depth is checked here only:
+    a burst of concurrent requests can overshoot it by the burst's size, which is fine for a load-shedding cap.
     """
     if store.inflight(owner) >= settings.max_inflight_per_key:
-        raise too_many(
-            f"You have {settings.max_inflight_per_key} videos queued or in progress; wait for one to finish.",
-            "too_many_inflight",
-            5,
-        )
+        raise too_many_inflight(settings)
     if store.queue(model).count >= settings.max_queue_depth:
         raise too_many(f"The queue of model {model} is full; retry later.", "queue_full", 30)
+
+
+def too_many_inflight(settings: Settings) -> RequestRejected:
+    return too_many(
+        f"You have {settings.max_inflight_per_key} videos queued or in progress; wait for one to finish.",
+        "too_many_inflight",
+        5,
+    )
 
 
 def fingerprint(req: VideoCreate, image: bytes | None) -> str:
@@ -186,6 +194,11 @@ class Content:
 
 
 def locate_content(rec: JobRecord, variant: str, storage: Storage) -> Content:
+    if rec.status == "failed":
+        reason = rec.error.code if rec.error else "failed"
+        raise RequestRejected(
+            f"Video {rec.id} failed ({reason}); it has no content.", param="video_id", code="video_failed", status=409
+        )
     if rec.status != "completed":
         raise RequestRejected(
             f"Video {rec.id} is {rec.status}; its content is available once it is completed.",

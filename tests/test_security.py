@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from fastapi.testclient import TestClient
@@ -135,6 +136,17 @@ def test_inflight_and_queue_depth_caps(r, redis_server, tmp_path):
         assert c.post("/v1/videos", json={"prompt": "b1"}, headers=auth(BOB)).status_code == 200
         full = c.post("/v1/videos", json={"prompt": "b2"}, headers=auth(BOB))
         assert full.status_code == 429 and full.json()["error"]["code"] == "queue_full"
+
+
+def test_inflight_cap_holds_under_concurrent_requests(r, redis_server, tmp_path):
+    """24 POSTs at once from one key with room for 5: exactly 5 are accepted (no worker takes any meanwhile)."""
+    overrides = {"max_inflight_per_key": 5, "rate_limit_per_min": 1000}
+    with make_client(redis_server, tmp_path, **overrides) as c, ThreadPoolExecutor(24) as pool:
+        codes = list(pool.map(lambda i: c.post("/v1/videos", json={"prompt": f"p{i}"}, headers=auth(ALICE)).status_code,
+                              range(24)))  # fmt: skip
+        assert sorted(codes) == [200] * 5 + [429] * 19
+        assert c.app.state.store.inflight(c.app.state.keys.authenticate(f"Bearer {ALICE}")) == 5
+        assert len(c.get("/v1/videos", params={"limit": 100}, headers=auth(ALICE)).json()["data"]) == 5
 
 
 field_values = st.one_of(

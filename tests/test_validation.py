@@ -54,6 +54,7 @@ def assert_nothing_queued(client) -> None:
 BAD_REQUESTS = [
     ({}, "prompt", 400),
     ({"prompt": ""}, "prompt", 400),
+    ({"prompt": " \n\t "}, "prompt", 400),
     ({"prompt": "x" * 32001}, "prompt", 400),
     ({"prompt": 5}, "prompt", 400),
     ({"prompt": "a cat", "size": "100x100"}, "size", 400),
@@ -200,6 +201,24 @@ def test_unknown_video_and_not_ready_content(client):
     assert resp.status_code == 409 and resp.json()["error"]["code"] == "video_not_ready"
     resp = client.get(f"/v1/videos/{video['id']}/content", params={"variant": "poster"})
     assert resp.status_code == 400 and resp.json()["error"]["param"] == "variant"
+    # Still queued, yet nobody will run it: a worker took it and is starting it (position 0, next in line).
+    client.store.queue(video["model"]).empty()
+    assert client.get(f"/v1/videos/{video['id']}").json()["queue_position"] == 0
+    # A failed video will never have content, and says so.
+    client.post(f"/v1/videos/{video['id']}/cancel")
+    resp = client.get(f"/v1/videos/{video['id']}/content")
+    error = resp.json()["error"]
+    assert resp.status_code == 409 and error["code"] == "video_failed" and "(cancelled)" in error["message"]
+
+
+def test_errors_say_what_a_pattern_means(client):
+    blank = client.post("/v1/videos", json={"prompt": "   "}).json()["error"]
+    assert blank["message"] == "Invalid value for 'prompt': must not be blank."
+    size = client.post("/v1/videos", json={"prompt": "a cat", "size": "big"}).json()["error"]
+    assert size["message"] == "Invalid value for 'size': must be WIDTHxHEIGHT, e.g. '768x512'."
+    cursor = client.get("/v1/videos", params={"after": "garbage"})
+    assert cursor.status_code == 400 and cursor.json()["error"]["param"] == "after"
+    assert "must be a video id" in cursor.json()["error"]["message"]
 
 
 def test_model_without_worker_is_refused(client):

@@ -71,7 +71,9 @@ async def create_video(
 def list_videos(
     owner: OwnerDep,
     store: StoreDep,
-    after: Annotated[str | None, Query(max_length=100, description="List videos after this id.")] = None,
+    after: Annotated[
+        str | None, Query(pattern=r"^video_[0-9a-f]{32}$", description="List videos after this id.")
+    ] = None,
     limit: Annotated[int, Query(ge=1, le=100, description="Page size.")] = 20,
     order: Annotated[Literal["asc", "desc"], Query(description="By creation time.")] = "desc",
 ) -> VideoList:
