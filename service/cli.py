@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import NoReturn
+from urllib.parse import urlsplit, urlunsplit
 
 import click
 
@@ -20,6 +22,21 @@ def _settings() -> Settings:
     settings = Settings()
     setup_logging(settings.log_level, settings.log_format)
     return settings
+
+
+def _fail(message: str) -> NoReturn:
+    """One line on stderr and exit 1, as the client commands report errors: no traceback for what the user can
+    fix (a wrong name, a server that is down)."""
+    click.echo(f"error: {message}", err=True)
+    sys.exit(1)
+
+
+def _shown_url(url: str) -> str:
+    """A URL fit for a message: its password, if any, replaced by ***."""
+    parts = urlsplit(url)
+    if not parts.password:
+        return url
+    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{parts.netloc.rpartition('@')[2]}"))
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -81,11 +98,29 @@ def webhooks() -> None:
 @main.command()
 @click.argument("video_id")
 def deliveries(video_id: str) -> None:
-    """Show the webhook deliveries of VIDEO_ID: endpoint, state, attempts, last status (for operators)."""
+    """Show the webhook deliveries of VIDEO_ID: endpoint, state, attempts, last status (for operators).
+
+    Reads the Redis in K5_REDIS_URL; exits 1 when it holds no delivery of VIDEO_ID."""
+    import redis
+
     from service.jobs import connect_redis
     from service.webhooks import deliveries_of
 
-    for d in deliveries_of(connect_redis(_settings()), video_id):
+    settings = _settings()
+    where = f"the Redis at {_shown_url(settings.redis_url)} (K5_REDIS_URL)"
+    try:
+        conn = connect_redis(settings)
+    except ValueError as exc:  # not a redis:// URL
+        _fail(f"K5_REDIS_URL {_shown_url(settings.redis_url)!r}: {exc}")
+    try:
+        found = deliveries_of(conn, video_id)
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        _fail(f"cannot reach {where}: {exc}")
+    if not found:
+        # Nothing printed and exit 0 would look like "no webhooks"; most often it is the wrong Redis or id.
+        click.echo(f"no webhook deliveries for {video_id} in {where}", err=True)
+        sys.exit(1)
+    for d in found:
         click.echo(d.model_dump_json(exclude={"body"}))
 
 
@@ -133,9 +168,20 @@ def openapi(output: Path | None) -> None:
 @click.argument("model")
 def resolve(model: str) -> None:
     """Show the spec a worker would serve for MODEL (catalogue id, hub repo id or local directory)."""
-    from service.models import resolve_model
+    from service.models import TINY, UnknownModelError, resolve_model
 
-    click.echo(json.dumps(resolve_model(model).model_dump(), indent=2))
+    try:
+        spec = resolve_model(model)
+    except UnknownModelError as exc:
+        if model in TINY:
+            # No published checkpoint: the tiny models exist only as directories that k5serve builds.
+            task = model.removeprefix("k5-tiny-")
+            _fail(
+                f"{model} is a tiny test model with no published checkpoint: build it with `k5serve tiny-model DIR` "
+                f"(`k5serve dev` builds it into .k5/tiny) and pass its directory, e.g. `k5serve resolve DIR/{task}`"
+            )
+        _fail(str(exc))
+    click.echo(json.dumps(spec.model_dump(), indent=2))
 
 
 # The client commands (generate, videos, models) talk to a gateway over HTTP; they live in cli_client.

@@ -214,6 +214,20 @@ def _on_interrupt(client: K5Client, video_id: str) -> NoReturn:
     sys.exit(EXIT_INTERRUPTED)
 
 
+def _image_model(client: K5Client) -> str:
+    """The model for --image without --model: the first online image-to-video model the server lists (the
+    server's own default is a text-to-video model, which refuses an image)."""
+    listed = client.list_models()
+    for m in listed:
+        if m["task"] == "image-to-video" and m["online"]:
+            return m["id"]
+    known = ", ".join(m["id"] for m in listed if m["task"] == "image-to-video") or "none"
+    _fail(
+        f"no image-to-video model is online at {client.base_url} (image-to-video models it knows: {known}); "
+        "start a worker for one, or name one with --model"
+    )
+
+
 def _output_path(output: Path | None, video_id: str, variant: Variant = "video") -> Path:
     name = f"{video_id}{EXTENSIONS[variant]}"
     if output is None:
@@ -227,7 +241,11 @@ def _output_path(output: Path | None, video_id: str, variant: Variant = "video")
 @click.command()
 @click.argument("prompt")
 @click.option("--image", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="First frame (i2v).")
-@click.option("--model", help="Model id (default: the server's default text-to-video model).")
+@click.option(
+    "--model",
+    help="Model id (default: the server's default text-to-video model; with --image, its first online "
+    "image-to-video model).",
+)
 @click.option("--size", help="WIDTHxHEIGHT, one of the model's sizes.")
 @click.option("--seconds", help="Duration, one of the model's durations.")
 @click.option("--seed", type=click.IntRange(min=0), help="Same seed and request, same video.")
@@ -274,6 +292,8 @@ def generate(
 
     with _client(server, api_key) as client:
         started = time.monotonic()
+        if image is not None and model is None:
+            model = _image_model(client)
         video = client.create_video(
             prompt,
             model=model,

@@ -12,13 +12,15 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import pytest
 from PIL import Image
 
 from service.client import K5Client, parse_sse
-from service.localstack import free_port
+from service.localstack import free_port, stop_process, wait_for_port
+from tests.conftest import ROOT
 from tests.test_e2e import decode_mp4
 
 SCRIPT = Path(sys.executable).with_name("k5serve")
@@ -35,6 +37,11 @@ def cli_env(stack) -> dict[str, str]:
     if key := getattr(stack, "api_key", None):
         env["K5_API_KEY"] = key
     return env
+
+
+def stack_at(base_url: str) -> SimpleNamespace:
+    """What k5() needs of a stack, for a gateway of a test's own (no API keys)."""
+    return SimpleNamespace(base_url=base_url, api_key=None)
 
 
 def k5(stack, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -123,6 +130,45 @@ def test_generate_image_to_video_uploads_the_image(stack, tmp_path):
     frames, _ = decode_mp4(saved.read_bytes())
     assert frames.shape == (25, 64, 96, 3)
     assert len({f.tobytes() for f in frames}) > 1
+
+
+def test_generate_with_an_image_and_no_model_takes_an_online_image_to_video_model(stack, tmp_path):
+    image = png(tmp_path / "first.png")
+    run = k5(stack, "generate", "the flag waves", "--image", str(image), "--size", "96x64", "-o", str(tmp_path))
+    assert run.returncode == 0, run.stderr
+    assert "(k5-tiny-i2v, 96x64, 1 s," in run.stderr
+    assert decode_mp4(Path(run.stdout.strip()).read_bytes())[0].shape == (25, 64, 96, 3)
+
+
+def test_generate_with_an_image_and_no_image_model_online_is_one_clear_line(redis_server, r, tmp_path):
+    # A real gateway of its own, on a Redis database where no worker has announced a model.
+    port = free_port()
+    env = {
+        **os.environ,
+        "K5_PORT": str(port),
+        "K5_REDIS_URL": redis_server.url.replace("/0", "/1"),
+        "K5_STORAGE_URL": f"file://{tmp_path}",
+        "K5_ALLOW_ANONYMOUS": "true",
+        "K5_METRICS_PORT": str(free_port()),
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "gateway"],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for_port(port, 60, proc)
+        server = f"http://127.0.0.1:{port}"
+        run = k5(stack_at(server), "generate", "a fox", "--image", str(png(tmp_path / "in.png")))
+    finally:
+        stop_process(proc)
+    assert run.returncode == 1 and "Traceback" not in run.stderr and run.stdout == ""
+    assert run.stderr.strip().splitlines() == [
+        f"error: no image-to-video model is online at {server} (image-to-video models it knows: "
+        "kandinsky-5.0-i2v-pro-sft-5s); start a worker for one, or name one with --model"
+    ]
 
 
 @pytest.mark.parametrize(
