@@ -87,3 +87,10 @@ def test_deliveries_with_redis_unreachable_is_one_line():
     assert "hunter2" not in line and "redis://:***@127.0.0.1:" in line
     line = one_error_line(k5("deliveries", "video_x", env={"K5_REDIS_URL": "127.0.0.1:6379"}))
     assert line.startswith("error: K5_REDIS_URL '127.0.0.1:6379': Redis URL must specify one of the following schemes")
+
+
+def test_worker_with_an_unknown_model_stops_with_one_line():
+    run = k5("worker", env={"K5_MODEL": "k5-tiny-t2v", "K5_METRICS_PORT": str(free_port())})
+    assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr
+    line = run.stderr.strip().splitlines()[-1]
+    assert line.startswith("K5_MODEL: unknown model 'k5-tiny-t2v'") and "k5serve tiny-model DIR" in line

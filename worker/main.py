@@ -21,7 +21,7 @@ from rq.worker.base import StopRequested
 
 from service import metrics
 from service.jobs import JobStore, connect_redis
-from service.models import resolve_model
+from service.models import TINY, UnknownModelError, resolve_model
 from service.recovery import Leases
 from service.settings import Settings
 from service.storage import Storage, open_storage
@@ -97,7 +97,11 @@ class RecoveringWorker(SimpleWorker):
 def run(settings: Settings) -> None:
     if not settings.model:
         raise SystemExit("K5_MODEL is not set: name a catalogue id, a hub repo id or a local checkpoint directory")
-    spec = resolve_model(settings.model)
+    try:
+        spec = resolve_model(settings.model)
+    except UnknownModelError as e:  # a typo in K5_MODEL: one line, not a traceback
+        hint = " (the tiny models are directories: build them with `k5serve tiny-model DIR`)" * (settings.model in TINY)
+        raise SystemExit(f"K5_MODEL: {e}{hint}") from None
     name = settings.worker_name or f"{socket.gethostname()}-{os.getpid()}"
     r = connect_redis(settings)
     store = JobStore(r, settings)
