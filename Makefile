@@ -1,5 +1,6 @@
 # k5serve: `make serve` runs the whole stack locally, `make test` runs the test suite.
-# Both install what they need first (a .venv with every extra, and Debian's redis-server when missing).
+# Both install what they need first: a .venv with every extra, and the Debian packages that are missing (redis-server
+# for both, chromium for the tests only).
 
 # torch's CPU wheel on our machines is built for CPython 3.11: prefer it, accept any 3.11+.
 PYTHON ?= $(shell command -v python3.11 || command -v python3.12 || command -v python3)
@@ -8,7 +9,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install system-deps serve test lint openapi tiny-model clean
+.PHONY: install system-deps redis-server chromium serve test lint openapi tiny-model clean
 
 install: $(STAMP)
 
@@ -21,17 +22,24 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[worker,dev]'
 	@touch $@
 
-# Debian packages the tests use: redis-server, and chromium for the playground's browser test (driven through
-# Playwright by path: Playwright's own browser download cannot work here).
-system-deps:
+# Debian packages, each installed when its command is missing: redis-server (the local stack and the tests), and
+# chromium for the playground's browser test only (driven through Playwright by path: Playwright's own browser
+# download cannot work here).
+system-deps: redis-server chromium
+
+redis-server:
 	@command -v redis-server >/dev/null 2>&1 || { \
 		echo "installing redis-server (apt)"; \
 		$(SUDO) apt-get update -qq && $(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server; }
+
+# After redis-server: two apt-get runs at once (make -j) would fight over dpkg's lock.
+chromium: redis-server
 	@command -v chromium >/dev/null 2>&1 || { \
 		echo "installing chromium (apt)"; \
 		$(SUDO) apt-get update -qq && $(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
 
-serve: install system-deps
+# Keeps its data in .k5 across restarts (`make clean` starts fresh).
+serve: install redis-server
 	$(BIN)/k5serve dev
 
 test: install system-deps

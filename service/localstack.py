@@ -45,7 +45,7 @@ def stop_process(proc: subprocess.Popen, timeout: float = 10) -> None:
 
 class RedisServer:
     """redis-server in its own directory; nothing persisted unless `appendonly` (an AOF that survives a restart,
-    for the recovery tests and the chaos bench)."""
+    also a SIGKILL: for `k5serve dev`, the recovery tests and the chaos bench)."""
 
     def __init__(self, workdir: Path, port: int | None = None, appendonly: bool = False) -> None:
         self.workdir = workdir
@@ -57,11 +57,29 @@ class RedisServer:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
+    @property
+    def pidfile(self) -> Path:
+        return self.workdir / "redis.pid"
+
+    def running_elsewhere(self) -> int | None:
+        """The pid of a redis-server still running on this directory (one whose owner was killed), if any: a second
+        server on the same AOF would corrupt it. redis-server removes its pid file when it stops normally."""
+        try:
+            pid = int(self.pidfile.read_text().strip())
+            stat = Path(f"/proc/{pid}/stat").read_text()  # "PID (COMM) STATE ..."
+        except (OSError, ValueError):
+            return None
+        comm, state = stat[stat.find("(") + 1 : stat.rfind(")")], stat[stat.rfind(")") + 2 :][:1]
+        own = self.proc is not None and self.proc.poll() is None and self.proc.pid == pid
+        return pid if comm == "redis-server" and state not in ("Z", "X") and not own else None
+
     def start(self) -> RedisServer:
         exe = shutil.which("redis-server")
         if exe is None:
             raise RuntimeError("redis-server is not installed (Debian: apt-get install redis-server)")
         self.workdir.mkdir(parents=True, exist_ok=True)
+        if (pid := self.running_elsewhere()) is not None:
+            raise RuntimeError(f"redis-server (pid {pid}) still runs on {self.workdir}: stop it first (kill {pid})")
         self.proc = subprocess.Popen(
             [
                 exe,
@@ -80,6 +98,8 @@ class RedisServer:
                 str(self.workdir),
                 "--logfile",
                 str(self.workdir / "redis.log"),
+                "--pidfile",
+                str(self.pidfile),
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

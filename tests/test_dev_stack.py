@@ -1,10 +1,12 @@
 """`k5serve dev` (what `make serve` runs): the whole local stack from nothing, the README's curl commands,
-a playable MP4 from the local-disk store, and a clean stop on Ctrl-C."""
+a playable MP4 from the local-disk store, and a clean stop on Ctrl-C; what it keeps across a restart (and a crash)
+in its state directory, and the short shutdown grace of its workers."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -14,6 +16,7 @@ import time
 
 import psutil
 import pytest
+import redis
 
 from service.localstack import free_port
 from tests.conftest import ROOT
@@ -26,43 +29,64 @@ def curl(*args: str) -> bytes:
     ).stdout
 
 
-@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
-def test_dev_stack_serves_the_readme_example(tmp_path):
-    port = free_port()
+def start_dev(state_dir, port: int, log) -> subprocess.Popen:
+    """`k5serve dev` on STATE_DIR with nothing of ours configured (no K5_* variable but host and port)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("K5_")}
     env.update(K5_HOST="127.0.0.1", K5_PORT=str(port), PYTHONUNBUFFERED="1")
-    log = tmp_path / "dev.log"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "dev", "--state-dir", str(tmp_path / "k5")],
+    return subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "dev", "--state-dir", str(state_dir)],
         env=env,
         cwd=ROOT,
         stdout=log.open("wb"),
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
+
+
+def wait_ready(proc: subprocess.Popen, log) -> str:
+    deadline = time.monotonic() + 240
+    while "k5serve is ready" not in log.read_text(errors="replace"):
+        assert proc.poll() is None, log.read_text()
+        assert time.monotonic() < deadline, log.read_text()
+        time.sleep(0.5)
+    return log.read_text()
+
+
+def create(base: str, body: dict) -> dict:
+    return json.loads(curl(f"{base}/v1/videos", "-H", "Content-Type: application/json", "-d", json.dumps(body)))
+
+
+def wait_done(base: str, video: dict, timeout: float = 120) -> dict:
+    deadline = time.monotonic() + timeout
+    while video["status"] not in ("completed", "failed"):
+        assert time.monotonic() < deadline, video
+        time.sleep(0.3)
+        video = json.loads(curl(f"{base}/v1/videos/{video['id']}"))
+    return video
+
+
+def ctrl_c(proc: subprocess.Popen) -> int:
+    os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C does: the whole foreground group
     try:
-        deadline = time.monotonic() + 240
-        while "k5serve is ready" not in log.read_text(errors="replace"):
-            assert proc.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.5)
-        banner = log.read_text()
+        return proc.wait(60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+def test_dev_stack_serves_the_readme_example(tmp_path):
+    port = free_port()
+    log = tmp_path / "dev.log"
+    proc = start_dev(tmp_path / "k5", port, log)
+    try:
+        banner = wait_ready(proc, log)
         base = f"http://127.0.0.1:{port}"
         assert f"curl -s {base}/v1/videos" in banner
 
         # The README's commands, with curl.
-        video = json.loads(
-            curl(
-                f"{base}/v1/videos",
-                "-H",
-                "Content-Type: application/json",
-                "-d",
-                '{"prompt": "a red fox running through fresh snow", "seed": 42}',
-            )
-        )
-        while video["status"] not in ("completed", "failed"):
-            time.sleep(0.3)
-            video = json.loads(curl(f"{base}/v1/videos/{video['id']}"))
+        video = create(base, {"prompt": "a red fox running through fresh snow", "seed": 42})
+        video = wait_done(base, video)
         assert video["status"] == "completed", video
         out = tmp_path / "fox.mp4"
         curl("-L", "-o", str(out), f"{base}/v1/videos/{video['id']}/content")
@@ -72,17 +96,85 @@ def test_dev_stack_serves_the_readme_example(tmp_path):
         assert (tmp_path / "k5" / "data" / video["id"] / "video.mp4").is_file()
     finally:
         children = psutil.Process(proc.pid).children(recursive=True)
-        os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C does: the whole foreground group
-        try:
-            rc = proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            raise
+        rc = ctrl_c(proc)
     assert rc == 0, log.read_text()
     # Everything it started is gone: nothing listens on the gateway port any more.
     with socket.socket() as s:
         assert s.connect_ex(("127.0.0.1", port)) != 0
     # Redis, workers, webhooks and gateway all stopped with it.
     assert len(children) >= 5, children
+    assert [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE] == []
+    assert "Traceback" not in log.read_text(), log.read_text()[-3000:]
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+def test_dev_stack_keeps_its_data_across_restarts(tmp_path):
+    """Stopped with Ctrl-C and started again on the same state directory, then killed outright (Redis included)
+    and started again: the videos, their records and the queued jobs are all still there."""
+    state = tmp_path / "k5"
+    base = ""
+
+    def run(name: str):
+        nonlocal base
+        port = free_port()
+        base = f"http://127.0.0.1:{port}"
+        log = tmp_path / f"{name}.log"
+        proc = start_dev(state, port, log)
+        return proc, log, wait_ready(proc, log)
+
+    # First run: one video made, two long ones queued, and Ctrl-C while the first of those runs.
+    proc, log, banner = run("first")
+    try:
+        # The banner names dev's private Redis, the one that holds the records (for `k5serve deliveries`).
+        m = re.search(r"redis: (redis://127\.0\.0\.1:\d+/0) \(K5_REDIS_URL for k5serve deliveries\)", banner)
+        assert m, banner
+        video = wait_done(base, create(base, {"prompt": "a lighthouse at dusk", "seed": 7}))
+        assert video["status"] == "completed", video
+        assert redis.Redis.from_url(m.group(1)).exists(f"k5:video:{video['id']}")
+        mp4 = curl("-L", f"{base}/v1/videos/{video['id']}/content")
+        slow = [create(base, {"prompt": f"a slow one {i}", "num_inference_steps": 50, "seconds": "2"}) for i in (1, 2)]
+        deadline = time.monotonic() + 60
+        while json.loads(curl(f"{base}/v1/videos/{slow[0]['id']}"))["status"] != "in_progress":
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        workers = [p for p in psutil.Process(proc.pid).children() if "worker" in p.cmdline()]
+        assert len(workers) == 2, workers
+        # No K5_SHUTDOWN_GRACE_S given: the workers get dev's few seconds, not production's 600.
+        assert {p.environ().get("K5_SHUTDOWN_GRACE_S") for p in workers} == {"5.0"}
+    finally:
+        rc = ctrl_c(proc)
+    assert rc == 0, log.read_text()
+    text = log.read_text()
+    assert re.search(r"shutdown requested: finishing the current job.* grace_s=5\.0\b", text), text[-3000:]
+    assert "grace_s=600" not in text
+
+    # Second run, same directory (another free port for Redis): the first video is listed and served as before,
+    # and the job left queued at Ctrl-C runs now.
+    proc, log, banner = run("second")
+    try:
+        listed = json.loads(curl(f"{base}/v1/videos?limit=100"))["data"]
+        assert video["id"] in [v["id"] for v in listed], listed
+        assert json.loads(curl(f"{base}/v1/videos/{video['id']}"))["status"] == "completed"
+        assert curl("-L", f"{base}/v1/videos/{video['id']}/content") == mp4
+        for job in slow:
+            assert wait_done(base, job)["status"] == "completed", job
+    finally:
+        # A crash this time: everything killed at once, Redis too (only its fsynced append-only file is left).
+        everything = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+        for p in everything:
+            p.kill()
+        psutil.wait_procs(everything, timeout=10)
+        proc.wait(10)
+
+    # Third run after the crash: it starts (no redis-server left on the directory) and has it all still.
+    proc, log, banner = run("third")
+    try:
+        listed = {v["id"]: v["status"] for v in json.loads(curl(f"{base}/v1/videos?limit=100"))["data"]}
+        assert listed == {video["id"]: "completed", **{job["id"]: "completed" for job in slow}}, listed
+        assert curl("-L", f"{base}/v1/videos/{video['id']}/content") == mp4
+    finally:
+        children = psutil.Process(proc.pid).children(recursive=True)
+        rc = ctrl_c(proc)
+    assert rc == 0, log.read_text()
     assert [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE] == []
     assert "Traceback" not in log.read_text(), log.read_text()[-3000:]
