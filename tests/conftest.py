@@ -4,6 +4,7 @@ Kandinsky 5 checkpoints built once per session, and the service's own processes 
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import os
 import subprocess
@@ -19,7 +20,7 @@ import redis
 
 from service.auth import owner_of
 from service.jobs import JobStore
-from service.localstack import RedisServer, SeaweedS3, free_port, stop_process
+from service.localstack import RedisServer, SeaweedS3, free_port, stop_process, wait_for_port
 from service.models import resolve_model
 from service.settings import Settings
 from service.storage import S3Storage
@@ -29,6 +30,31 @@ BUCKET = "k5test"
 # Two API keys: the stack serves with authentication on, as production does; bob checks isolation.
 API_KEY, OTHER_API_KEY = "sk-test-alice-0123456789", "sk-test-bob-0123456789"
 WEBHOOK_SECRET = "whsec_" + base64.b64encode(b"k5serve-test-webhook-secret-0001").decode()
+
+
+@contextlib.contextmanager
+def gateway_process(redis_url: str, tmp_path: Path, *args: str, **env: str) -> Iterator[str]:
+    """A `k5serve gateway [ARGS]` process of its own (anonymous, file storage, the given Redis): its base URL."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "gateway", *args],
+        env={
+            **os.environ,
+            "K5_PORT": str(port),
+            "K5_REDIS_URL": redis_url,
+            "K5_STORAGE_URL": f"file://{tmp_path}",
+            "K5_ALLOW_ANONYMOUS": "true",
+            **env,
+        },
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for_port(port, 60, proc)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop_process(proc)
 
 
 @pytest.fixture(scope="session")

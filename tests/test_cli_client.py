@@ -19,8 +19,8 @@ import pytest
 from PIL import Image
 
 from service.client import K5Client, parse_sse
-from service.localstack import free_port, stop_process, wait_for_port
-from tests.conftest import ROOT
+from service.localstack import free_port
+from tests.conftest import gateway_process
 from tests.test_e2e import decode_mp4
 
 SCRIPT = Path(sys.executable).with_name("k5serve")
@@ -142,28 +142,9 @@ def test_generate_with_an_image_and_no_model_takes_an_online_image_to_video_mode
 
 def test_generate_with_an_image_and_no_image_model_online_is_one_clear_line(redis_server, r, tmp_path):
     # A real gateway of its own, on a Redis database where no worker has announced a model.
-    port = free_port()
-    env = {
-        **os.environ,
-        "K5_PORT": str(port),
-        "K5_REDIS_URL": redis_server.url.replace("/0", "/1"),
-        "K5_STORAGE_URL": f"file://{tmp_path}",
-        "K5_ALLOW_ANONYMOUS": "true",
-        "K5_METRICS_PORT": str(free_port()),
-    }
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "gateway"],
-        env=env,
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        wait_for_port(port, 60, proc)
-        server = f"http://127.0.0.1:{port}"
+    url = redis_server.url.replace("/0", "/1")
+    with gateway_process(url, tmp_path, K5_METRICS_PORT=str(free_port())) as server:
         run = k5(stack_at(server), "generate", "a fox", "--image", str(png(tmp_path / "in.png")))
-    finally:
-        stop_process(proc)
     assert run.returncode == 1 and "Traceback" not in run.stderr and run.stdout == ""
     assert run.stderr.strip().splitlines() == [
         f"error: no image-to-video model is online at {server} (image-to-video models it knows: "

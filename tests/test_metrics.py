@@ -7,15 +7,12 @@ import json
 import logging
 import os
 import re
-import subprocess
-import sys
 import time
 
 import httpx
 
-from service.localstack import free_port, stop_process, wait_for_port
 from service.logs import JsonFormatter
-from tests.conftest import ROOT
+from tests.conftest import gateway_process
 
 
 def sample(text: str, name: str, **labels: str) -> float | None:
@@ -57,26 +54,9 @@ def test_gateway_worker_and_webhook_metrics(stack):
 
 
 def test_several_gateway_processes_add_up(redis_server, tmp_path):
-    port = free_port()
-    env = {
-        **os.environ,
-        "K5_PORT": str(port),
-        "K5_REDIS_URL": redis_server.url.replace("/0", "/2"),
-        "K5_STORAGE_URL": f"file://{tmp_path}",
-        "K5_ALLOW_ANONYMOUS": "true",
-        "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "prom"),
-    }
     (tmp_path / "prom").mkdir()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "gateway", "--workers", "2"],
-        env=env,
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        wait_for_port(port, 60, proc)
-        base = f"http://127.0.0.1:{port}"
+    url, prom = redis_server.url.replace("/0", "/2"), str(tmp_path / "prom")
+    with gateway_process(url, tmp_path, "--workers", "2", PROMETHEUS_MULTIPROC_DIR=prom) as base:
         deadline = time.monotonic() + 60
         while httpx.get(base + "/healthz").status_code != 200 and time.monotonic() < deadline:
             time.sleep(0.2)
@@ -84,8 +64,6 @@ def test_several_gateway_processes_add_up(redis_server, tmp_path):
             assert httpx.get(base + "/v1/models").status_code == 200
         pids = set(os.listdir(tmp_path / "prom"))
         text = httpx.get(base + "/metrics").text
-    finally:
-        stop_process(proc)
     # Each process wrote its own file, and any process's /metrics reports the sum.
     assert len({f.rsplit("_", 1)[-1] for f in pids if f.startswith("counter_")}) == 2, pids
     assert sample(text, "k5_http_requests_total", route="/v1/models", method="GET", status="200") == 30
