@@ -32,6 +32,22 @@ class TextFormatter(logging.Formatter):
         return f"{base} {extras}" if extras else base
 
 
+class QuietProbes(logging.Filter):
+    """Drops uvicorn's access lines of successful probe and scrape requests (/healthz, /readyz, /metrics): with
+    Kubernetes probes and Prometheus they are most of the log and say nothing. Failures still show."""
+
+    PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        # uvicorn.access: (client_addr, method, full_path, http_version, status_code)
+        if isinstance(args, tuple) and len(args) == 5:
+            path, status = str(args[2]).split("?", 1)[0], args[4]
+            if path in self.PATHS and isinstance(status, int) and status < 400:
+                return False
+        return True
+
+
 def setup_logging(level: str = "INFO", fmt: str = "text") -> None:
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
@@ -41,3 +57,8 @@ def setup_logging(level: str = "INFO", fmt: str = "text") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    access = logging.getLogger("uvicorn.access")
+    if not any(isinstance(f, QuietProbes) for f in access.filters):
+        access.addFilter(QuietProbes())
+    # httpx logs every request it makes at INFO (readiness polls, webhook sends, which log their own outcome).
+    logging.getLogger("httpx").setLevel(logging.WARNING)

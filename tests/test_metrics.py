@@ -11,7 +11,7 @@ import time
 
 import httpx
 
-from service.logs import JsonFormatter
+from service.logs import JsonFormatter, QuietProbes, setup_logging
 from tests.conftest import gateway_process
 
 
@@ -74,3 +74,21 @@ def test_json_logs_carry_the_job_id():
     record.video_id = "video_123"
     line = json.loads(JsonFormatter().format(record))
     assert line["msg"] == "job completed" and line["video_id"] == "video_123" and line["level"] == "info"
+
+
+def test_successful_probes_and_scrapes_stay_out_of_the_access_log():
+    def access(path: str, status: int) -> logging.LogRecord:  # as uvicorn logs a request
+        args = ("127.0.0.1:5000", "GET", path, "1.1", status)
+        return logging.LogRecord("uvicorn.access", logging.INFO, __file__, 1, '%s - "%s %s HTTP/%s" %d', args, None)
+
+    quiet = QuietProbes()
+    assert not quiet.filter(access("/readyz", 200)) and not quiet.filter(access("/metrics?x=1", 200))
+    assert quiet.filter(access("/readyz", 503))  # a failing probe is news
+    assert quiet.filter(access("/v1/videos", 200))
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        setup_logging()  # what every k5serve process does first
+        assert any(isinstance(f, QuietProbes) for f in logging.getLogger("uvicorn.access").filters)
+    finally:
+        root.handlers[:], root.level = handlers, level

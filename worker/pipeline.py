@@ -120,7 +120,13 @@ class VideoPipeline:
 
     @classmethod
     def load(cls, settings: Settings, spec: ModelSpec) -> VideoPipeline:
+        import transformers
         from diffusers import Kandinsky5I2VPipeline, Kandinsky5T2VPipeline
+        from diffusers.utils import logging as diffusers_logging
+
+        # Loading progress bars would land in the log stream (JSON lines in production) as noise.
+        diffusers_logging.disable_progress_bar()
+        transformers.utils.logging.disable_progress_bar()
 
         device = pick_device(settings)
         dtype = pick_dtype(settings, device)
