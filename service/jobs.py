@@ -90,8 +90,19 @@ def attempt_key(video_id: str) -> str:
     return f"k5:attempt:{video_id}"
 
 
+def current_rq_id(conn: Any, video_id: str) -> str:
+    """The RQ job that may run `video_id` now: the one its attempt hash names once it was requeued or redelivered,
+    else the one enqueued with it, under its own id. `conn`: the connection, or a pipeline watching the hash."""
+    return (conn.hget(attempt_key(video_id), "rq") or b"").decode() or video_id
+
+
+def new_rq_id(video_id: str) -> str:
+    """A fresh RQ job id for a requeued or redelivered video: its id plus `-r<hex>`."""
+    return f"{video_id}-r{secrets.token_hex(4)}"
+
+
 def video_id_of(rq_id: str) -> str:
-    """The video an RQ job runs: its id, or its id plus `-r<hex>` once requeued."""
+    """The video an RQ job runs: its id, or its id plus `-r<hex>` once requeued (new_rq_id)."""
     return rq_id.split("-r", 1)[0]
 
 
@@ -189,6 +200,12 @@ class JobStore:
 
     # -- jobs ---------------------------------------------------------------------------------------------
 
+    @property
+    def record_ttl_s(self) -> int:
+        """How long a finished job's record (and its attempt hash) stays: a week past its assets, so that clients
+        can still see what happened."""
+        return self.settings.asset_ttl_s + 7 * 86400
+
     def queue(self, model: str) -> Queue:
         return Queue(name=model, connection=self.r)
 
@@ -275,7 +292,7 @@ class JobStore:
         rec = self.update(video_id, "failed", error={"code": "cancelled", "message": "The job was cancelled."})
         if rec is not None:
             # Its current RQ job: a requeued or redelivered video waits under a new id.
-            current = (self.r.hget(attempt_key(video_id), "rq") or b"").decode() or video_id
+            current = current_rq_id(self.r, video_id)
             queue = self.queue(rec.model)
             for rq_id in dict.fromkeys([video_id, current]):
                 if queue.remove(rq_id):  # still waiting, so no worker holds it: its RQ job can go too
@@ -329,8 +346,7 @@ class JobStore:
                     pipe.multi()
                     pipe.set(key, new.model_dump_json(), keepttl=True)
                     if new_status in TERMINAL and new_status != rec.status:
-                        # Keep the record a week past its assets so clients can still see what happened.
-                        pipe.expire(key, self.settings.asset_ttl_s + 7 * 86400)
+                        pipe.expire(key, self.record_ttl_s)
                         self.terminal_effects(pipe, new)
                         if on_terminal is not None:
                             on_terminal(pipe, new)
@@ -401,8 +417,7 @@ class JobStore:
             return rec.public(estimated_completion_at=None if eta is None else int(eta))
         # Its current RQ job (a requeued video waits under a new id); not in the queue any more means a worker
         # has just taken it and is starting it: next in line.
-        rq_id = (self.r.hget(attempt_key(rec.id), "rq") or b"").decode() or rec.id
-        position = self.queue(rec.model).get_job_position(rq_id)
+        position = self.queue(rec.model).get_job_position(current_rq_id(self.r, rec.id))
         if position is None:
             position = 0
         workers = self.workers_online(rec.model)

@@ -27,7 +27,7 @@ from typing import Any
 import redis
 from rq.job import Job
 
-from service.jobs import JobRecord, JobStore, attempt_key, video_id_of, video_key
+from service.jobs import JobRecord, JobStore, attempt_key, current_rq_id, new_rq_id, video_id_of, video_key
 from service.schemas import VideoError
 from service.storage import Storage
 
@@ -80,6 +80,10 @@ def lease_key(video_id: str) -> str:
     return f"k5:lease:{video_id}"
 
 
+def limbo_key(rq_id: str) -> str:
+    return f"k5:limbo:{rq_id}"
+
+
 class Leases:
     def __init__(self, store: JobStore) -> None:
         self.store, self.r, self.settings = store, store.r, store.settings
@@ -110,8 +114,7 @@ class Leases:
                         return None
                     # Only the video's current RQ job may start it: an older one (requeued since, by the reaper or
                     # by redeliver) comes from a worker that was frozen or lost it and must not run it again.
-                    current = (pipe.hget(akey, "rq") or b"").decode() or video_id
-                    if rq_job_id != current:
+                    if rq_job_id != current_rq_id(pipe, video_id):
                         return None
                     new = rec.model_copy(update={**changes, "status": "in_progress", "worker": worker})
                     pipe.multi()
@@ -213,7 +216,7 @@ class Leases:
                         )
                         # A new RQ job id: the old RQ job may still be finishing (the shutdown case) or be
                         # settled later by a stale worker, and neither must touch the new one.
-                        rq_id = f"{video_id}-r{secrets.token_hex(4)}"
+                        rq_id = new_rq_id(video_id)
                         pipe.multi()
                         pipe.set(key, new.model_dump_json(), keepttl=True)
                         pipe.hset(akey, mapping={"n": n - 1 if token else n, "rq": rq_id})
@@ -273,15 +276,14 @@ class Leases:
     def _check_delivery(self, queue: Any, rq_id: str, failed: bool, now: float, grace: float) -> bool:
         video_id = video_id_of(rq_id)
         rec = self.store.get(video_id)
-        current = (self.r.hget(attempt_key(video_id), "rq") or b"").decode() or video_id
-        if rec is None or rec.status != "queued" or current != rq_id:
+        if rec is None or rec.status != "queued" or current_rq_id(self.r, video_id) != rq_id:
             return False  # started, final, gone, or an older RQ job of a requeued video
         if not failed:
             job = queue.fetch_job(rq_id)
             if job is not None and job.started_at is not None:
                 since = job.started_at.timestamp()
             else:  # taken but not started: RQ keeps no time for that, so note when it was first seen
-                limbo = f"k5:limbo:{rq_id}"
+                limbo = limbo_key(rq_id)
                 self.r.set(limbo, now, nx=True, ex=86400)
                 since = float(self.r.get(limbo) or now)
             if now - since < grace:
@@ -297,8 +299,7 @@ class Leases:
                 pipe.watch(key, akey)
                 raw = pipe.get(key)
                 rec = JobRecord.model_validate_json(raw) if raw else None
-                current = (pipe.hget(akey, "rq") or b"").decode() or video_id
-                if rec is None or rec.status != "queued" or current != rq_id:
+                if rec is None or rec.status != "queued" or current_rq_id(pipe, video_id) != rq_id:
                     return False
                 n = int(pipe.hget(akey, "n") or 0) + 1
                 pipe.multi()
@@ -306,9 +307,9 @@ class Leases:
                 if n >= self.settings.max_attempts:
                     self._give_up(pipe, rec, n)
                 else:
-                    new_id = f"{video_id}-r{secrets.token_hex(4)}"
+                    new_id = new_rq_id(video_id)
                     pipe.hset(akey, "rq", new_id)
-                    pipe.expire(akey, self.settings.asset_ttl_s + 7 * 86400)
+                    pipe.expire(akey, self.store.record_ttl_s)
                     self.store.enqueue(
                         pipe, rec.model, video_id, new_id, description=f"video {video_id} (redelivered)", at_front=True
                     )
@@ -318,7 +319,7 @@ class Leases:
         queue = self.store.queue(rec.model)
         queue.intermediate_queue.remove(rq_id)
         self._forget_rq_job(rec.model, rq_id)
-        self.r.delete(f"k5:limbo:{rq_id}")
+        self.r.delete(limbo_key(rq_id))
         outcome = "failed" if n >= self.settings.max_attempts else "redelivered"
         log.warning(f"job {outcome}: a worker took it but never started it", extra={"video_id": video_id})
         return True
@@ -360,7 +361,7 @@ class Leases:
     def _settle(self, pipe: Any, new: JobRecord, effects: bool = True) -> None:
         """What every terminal transition of a run does, inside its transaction (JobStore.update already
         applies the record's TTL and the terminal effects when it is the caller: effects=False)."""
-        ttl = self.settings.asset_ttl_s + 7 * 86400
+        ttl = self.store.record_ttl_s
         pipe.expire(attempt_key(new.id), ttl)
         pipe.hdel(attempt_key(new.id), "owner")
         pipe.delete(lease_key(new.id))
