@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.jobs import RequestRejected
-from service.schemas import ErrorResponse
+from service.schemas import PATTERN_HINTS, ErrorResponse
 from service.videos import NotFound
 
 log = logging.getLogger(__name__)
@@ -57,15 +57,6 @@ def _param_of(loc: tuple[Any, ...]) -> str | None:
     # Pydantic adds the union/model tag to the location for some errors; keep only field names.
     parts = [p for p in parts if not p.startswith("function-") and p not in ("str", "int", "float")]
     return ".".join(parts) or None
-
-
-# What a pattern of the API's schema means, for people: pydantic's own message quotes the regex.
-PATTERN_HINTS = {
-    r"\S": "must not be blank",
-    r"^[0-9]{1,5}x[0-9]{1,5}$": "must be WIDTHxHEIGHT, e.g. '768x512'",
-    r"^[0-9]{1,3}$": "must be a whole number of seconds, as a string, e.g. '5'",
-    r"^video_[0-9a-f]{32}$": "must be a video id, as returned by POST /v1/videos",
-}
 
 
 def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:

@@ -16,6 +16,17 @@ TERMINAL: frozenset[str] = frozenset({"completed", "failed"})
 
 MAX_PROMPT_CHARS = 32_000
 MAX_SEED = 2**63 - 1
+# The API's string patterns, and what each means for people (error messages say that, not the regex).
+NOT_BLANK = r"\S"
+SIZE_PATTERN = r"^[0-9]{1,5}x[0-9]{1,5}$"
+SECONDS_PATTERN = r"^[0-9]{1,3}$"
+VIDEO_ID_PATTERN = r"^video_[0-9a-f]{32}$"
+PATTERN_HINTS = {
+    NOT_BLANK: "must not be blank",
+    SIZE_PATTERN: "must be WIDTHxHEIGHT, e.g. '768x512'",
+    SECONDS_PATTERN: "must be a whole number of seconds, as a string, e.g. '5'",
+    VIDEO_ID_PATTERN: "must be a video id, as returned by POST /v1/videos",
+}
 
 MetadataKey = Annotated[str, StringConstraints(min_length=1, max_length=64)]
 MetadataValue = Annotated[str, StringConstraints(max_length=512)]
@@ -35,16 +46,19 @@ class VideoCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     prompt: str = Field(
-        min_length=1, max_length=MAX_PROMPT_CHARS, pattern=r"\S", description="What the video shows (not only blanks)."
+        min_length=1,
+        max_length=MAX_PROMPT_CHARS,
+        pattern=NOT_BLANK,
+        description="What the video shows (not only blanks).",
     )
     model: str | None = Field(None, description="Model id; the deployment's default text-to-video model if unset.")
     size: str | None = Field(
         None,
-        pattern=r"^[0-9]{1,5}x[0-9]{1,5}$",
+        pattern=SIZE_PATTERN,
         description="Output size as WIDTHxHEIGHT, one of the model's sizes; the model's default if unset.",
     )
     seconds: str | None = Field(
-        None, pattern=r"^[0-9]{1,3}$", description="Duration in seconds, one of the model's durations."
+        None, pattern=SECONDS_PATTERN, description="Duration in seconds, one of the model's durations."
     )
     input_reference: InputReference | None = Field(
         None, description="Image-to-video only: the image the video starts from."

@@ -13,7 +13,7 @@ from service.deps import OwnerDep, SettingsDep, StorageDep, StoreDep
 from service.errors import responses
 from service.forms import parse_create
 from service.jobs import Variant
-from service.schemas import TERMINAL, Video, VideoDeleted, VideoList
+from service.schemas import TERMINAL, VIDEO_ID_PATTERN, Video, VideoDeleted, VideoList
 
 router = APIRouter(prefix="/v1", tags=["videos"])
 
@@ -71,9 +71,7 @@ async def create_video(
 def list_videos(
     owner: OwnerDep,
     store: StoreDep,
-    after: Annotated[
-        str | None, Query(pattern=r"^video_[0-9a-f]{32}$", description="List videos after this id.")
-    ] = None,
+    after: Annotated[str | None, Query(pattern=VIDEO_ID_PATTERN, description="List videos after this id.")] = None,
     limit: Annotated[int, Query(ge=1, le=100, description="Page size.")] = 20,
     order: Annotated[Literal["asc", "desc"], Query(description="By creation time.")] = "desc",
 ) -> VideoList:
