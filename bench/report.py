@@ -41,11 +41,11 @@ def cell(row: dict, key: str, fmt: str) -> str:
     return fmt.format(value)
 
 
-def table(rows: list[dict]) -> str:
-    lines = ["| " + " | ".join(title for title, _, _ in COLUMNS) + " |"]
-    lines.append("|" + "|".join("---" for _ in COLUMNS) + "|")
+def table(rows: list[dict], columns: list[tuple[str, str, str]] = COLUMNS) -> str:
+    lines = ["| " + " | ".join(title for title, _, _ in columns) + " |"]
+    lines.append("|" + "|".join("---" for _ in columns) + "|")
     for row in rows:
-        lines.append("| " + " | ".join(cell(row, key, fmt) for _, key, fmt in COLUMNS) + " |")
+        lines.append("| " + " | ".join(cell(row, key, fmt) for _, key, fmt in columns) + " |")
     errors = [f"- {r['case']} / {r['config']}: {r['error']}" for r in rows if r.get("error")]
     return "\n".join(lines + ([""] + errors if errors else []))
 

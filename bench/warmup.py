@@ -21,6 +21,8 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench import report  # noqa: E402
+
 COLUMNS = [
     ("run", "run", "{}"),
     ("compile cache", "cache", "{}"),
@@ -101,14 +103,6 @@ def child(args: argparse.Namespace) -> None:
     args.child.write_text(json.dumps(row))
 
 
-def table(rows: list[dict]) -> str:
-    lines = ["| " + " | ".join(title for title, _, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    for row in rows:
-        cells = [fmt.format(row[key]) if row.get(key) is not None else "-" for _, key, fmt in COLUMNS]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.child:
@@ -133,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
             row = {"run": run, "cache": "warm" if had_cache else "empty", **json.loads(out.read_text())}
             rows.append(row)
             print(f"run {run}: done", file=sys.stderr, flush=True)
-    print(table(rows))
+    print(report.table(rows, COLUMNS))
     if args.json:
         args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)}, "rows": rows}, indent=2))
     return 0
