@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import NoReturn
 from urllib.parse import urlsplit, urlunsplit
 
 import click
@@ -22,13 +21,6 @@ def _settings() -> Settings:
     settings = Settings()
     setup_logging(settings.log_level, settings.log_format)
     return settings
-
-
-def _fail(message: str) -> NoReturn:
-    """One line on stderr and exit 1, as the client commands report errors: no traceback for what the user can
-    fix (a wrong name, a server that is down)."""
-    click.echo(f"error: {message}", err=True)
-    sys.exit(1)
 
 
 def _shown_url(url: str) -> str:
@@ -184,8 +176,10 @@ def resolve(model: str) -> None:
     click.echo(json.dumps(spec.model_dump(), indent=2))
 
 
-# The client commands (generate, videos, models) talk to a gateway over HTTP; they live in cli_client.
+# The client commands (generate, videos, models) talk to a gateway over HTTP; they live in cli_client, and so does
+# the one-line error report (`_fail`) that the operator commands above use too.
 from service import cli_client  # noqa: E402
+from service.cli_client import _fail  # noqa: E402
 
 for _command in cli_client.COMMANDS:
     main.add_command(_command)
