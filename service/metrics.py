@@ -54,6 +54,8 @@ PEAK_GPU_MEMORY = Gauge(
 )
 JOBS = Counter("k5_worker_jobs", "Jobs a worker finished, by outcome.", ["model", "outcome"])
 FAILURES = Counter("k5_worker_failures", "Failed jobs by error code.", ["model", "code"])
+# Any torch.compile after the warm-up means a job paid for compiling (a shape or guard the warm-up missed).
+RECOMPILES = Counter("k5_worker_recompiles", "torch.compile runs after the worker reported ready.", ["model"])
 MODEL_READY = Gauge("k5_worker_model_ready", "1 once the model is loaded and warm.", ["model"], multiprocess_mode="max")
 
 # -- webhooks --------------------------------------------------------------------------------------------------

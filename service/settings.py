@@ -88,7 +88,8 @@ class Settings(BaseSettings):
     metrics_port: int = Field(9400, ge=0, le=65535)
 
     # -- worker speed (GPU) --------------------------------------------------------------------------------
-    # Attention: "auto" = flex for NABLA, else the fastest kernel timed on CUDA, "native" on CPU; or a diffusers name.
+    # Attention: "auto" = the fastest kernel that passes on every attention shape of the model (CUDA; "native" on
+    # CPU), NABLA's visual self-attention always on flex; or a diffusers backend name to pin (set per worker pool).
     attention_backend: str = "auto"
     # torch.compile of the transformer: "auto" = "full" on CUDA, "off" on CPU; "regional" compiles one block per class.
     compile_transformer: Literal["auto", "full", "regional", "off"] = "auto"
@@ -96,6 +97,8 @@ class Settings(BaseSettings):
     compile_mode: str = "max-autotune-no-cudagraphs"
     # Dynamic shapes (upstream's recommendation): all buckets and prompt lengths share compiled graphs.
     compile_dynamic: bool = True
+    # torch.compile backend: "inductor" (the GPU's choice); another registered name only to diagnose a compile issue.
+    compile_backend: str = "inductor"
     # Persistent Inductor/Triton cache directory (a volume) so a restarted worker skips most compiling.
     compile_cache_dir: str | None = None
     # Text encoders: "auto" = "device" if all weights fit in 60% of GPU memory (Lite), else "offload" (Pro), or "cpu".

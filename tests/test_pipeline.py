@@ -13,7 +13,7 @@ from PIL import Image
 
 from service.models import resolve_model
 from service.settings import Settings
-from worker import speed
+from worker import attention, speed
 from worker.pipeline import GenerationRequest, VideoPipeline, buckets
 from worker.textcache import LRU, TextEncoders, _PinnedSwap
 
@@ -224,15 +224,16 @@ def test_compile_and_backend_decisions_on_cpu(t2v):
     assert speed.compile_scope(Settings(compile_transformer="regional"), cpu) == "regional"
     assert speed.compile_scope(Settings(), torch.device("cuda")) == "full"
 
-    assert speed.choose_attention_backend("auto", transformer, cpu, 100) == ("native", {})
-    assert speed.choose_attention_backend("_native_math", transformer, cpu, 100) == ("_native_math", {})
+    assert attention.choose("auto", transformer, cpu, 100).dense == "native"
+    assert attention.choose("_native_math", transformer, cpu, 100).dense == "_native_math"
     candidates = ["native", "_native_math", "no-such-backend"]
-    timings = speed.time_attention_backends(candidates, 2, 16, 64, cpu, torch.float32)
-    assert set(timings) == {"native", "_native_math"} and all(t > 0 for t in timings.values())
+    timings, rejected = attention.validate(candidates, 2, 16, 64, cpu, torch.float32, time_it=True)
+    assert set(timings) == {"native", "_native_math"} and set(rejected) == {"no-such-backend"}
 
     transformer.register_to_config(attention_type="nabla")
     try:
-        assert speed.choose_attention_backend("auto", transformer, cpu, 100) == ("flex", {})
+        choice = attention.choose("auto", transformer, cpu, 100)
+        assert (choice.dense, choice.visual) == ("native", "flex")
     finally:
         transformer.register_to_config(attention_type="regular")
 

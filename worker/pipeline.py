@@ -1,9 +1,10 @@
 """Load and warm a Kandinsky 5 pipeline once; generate(request) -> frames.
 
 The same code loads the published checkpoints (hub repo or downloaded directory) and the tiny test models:
-everything goes through diffusers' `from_pretrained`. What makes it fast lives beside it: worker/speed.py (attention
-kernel, torch.compile, placement, VAE tiling), worker/textcache.py (prompt embeddings), worker/enhance.py (prompt
-expansion) and worker/stepcache.py (opt-in step caching). One process per GPU, one generation at a time.
+worker/loader.py loads each component in its own dtype straight to its device. What makes it fast lives beside
+it: worker/attention.py (kernels), worker/speed.py (torch.compile, placement, VAE tiling), worker/textcache.py
+(prompt embeddings), worker/enhance.py (prompt expansion) and worker/stepcache.py (opt-in step caching).
+One process per GPU, one generation at a time.
 """
 
 from __future__ import annotations
@@ -19,12 +20,13 @@ import numpy as np
 import torch
 from PIL import Image
 
+from service import metrics
 from service.models import TINY, ModelSpec, parse_size
 from service.settings import Settings
-from worker import speed
+from worker import attention, loader, speed
 from worker.enhance import expand_prompt
 from worker.stepcache import StepCacher, parse_mag_ratios
-from worker.textcache import DEFAULT_NEGATIVE_PROMPT, LRU, PromptEmbeds, TextEncoders
+from worker.textcache import DEFAULT_NEGATIVE_PROMPT, LRU, Placement, PromptEmbeds, TextEncoders
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +79,9 @@ def buckets(spec: ModelSpec) -> list[tuple[int, int, int]]:
 class VideoPipeline:
     """A warm Kandinsky 5 pipeline. Not concurrency-safe: the pipeline keeps per-call state on itself."""
 
-    def __init__(self, pipe, spec: ModelSpec, device: torch.device, settings: Settings) -> None:
+    def __init__(
+        self, pipe, spec: ModelSpec, device: torch.device, settings: Settings, placement: Placement | None = None
+    ) -> None:
         self.pipe = pipe
         self.spec = spec
         self.device = device
@@ -87,29 +91,15 @@ class VideoPipeline:
         self._busy = threading.Lock()
         transformer = pipe.transformer
         speed.configure_process(device)
-        self.placement = speed.text_placement(settings, pipe, device)
+        self.checkpoint = loader.check_checkpoint(pipe, spec)
+        self.placement = placement or speed.text_placement(settings, pipe, device)
         transformer.to(device)
         pipe.vae.to(device)
         self.encoders = TextEncoders(
             pipe, device, self.placement, settings.text_cache_size, settings.max_sequence_length
         )
         self.expansions: LRU[tuple[str, int], str] = LRU(settings.text_cache_size)
-        tokens = max(speed.latent_tokens(transformer, w, h, n) for w, h, n in buckets(spec))
-        self.attention_backend, self.attention_timings = speed.choose_attention_backend(
-            settings.attention_backend, transformer, device, tokens
-        )
-        # Set even for "native": diffusers also makes the last backend set the process-wide default, which a
-        # processor left unset follows.
-        transformer.set_attention_backend(self.attention_backend)
-        self.step_cache = StepCacher(
-            transformer,
-            settings.step_cache,
-            settings.step_cache_threshold,
-            settings.step_cache_interval,
-            parse_mag_ratios(settings.step_cache_mag_ratios),
-        )
-        self.compile_scope = speed.compile_scope(settings, device)
-        speed.compile_transformer(transformer, settings, self.compile_scope)
+        self._setup_attention_and_compile()
         if settings.enhance_prompt == "auto":
             # A random-weight model's expansion is noise: only real checkpoints get upstream's default.
             self.enhance_default = spec.id not in TINY
@@ -117,6 +107,31 @@ class VideoPipeline:
             self.enhance_default = settings.enhance_prompt == "on"
         # Nearly every job uses the default negative prompt: encode it once, now.
         self.encoders.pin(DEFAULT_NEGATIVE_PROMPT)
+
+    def _setup_attention_and_compile(self) -> None:
+        """Attention kernels per layer, the step cache, then compile: in that order, so that compiled graphs see
+        the final kernels and the cache hooks wrap compiled modules (worker/speed.py: compile_transformer)."""
+        transformer, settings = self.pipe.transformer, self.settings
+        tokens = max(speed.latent_tokens(transformer, w, h, n) for w, h, n in buckets(self.spec))
+        self.attention = attention.choose(settings.attention_backend, transformer, self.device, tokens)
+        attention.apply(transformer, self.attention)
+        self.attention_backend = self.attention.describe()
+        self.attention_timings = self.attention.timings
+        self.compile_scope = speed.compile_scope(settings, self.device)
+        speed.require_compiled_flex(transformer, self.compile_scope, self.device, self.attention.visual)
+        self.step_cache = StepCacher(
+            transformer,
+            settings.step_cache,
+            settings.step_cache_threshold,
+            settings.step_cache_interval,
+            parse_mag_ratios(settings.step_cache_mag_ratios),
+        )
+        self.compiled = speed.compile_transformer(
+            transformer, settings, self.compile_scope, self.step_cache.hooked_modules()
+        )
+        self.compiles = speed.CompileCounter.get()
+        self.compiles_at_ready: int | None = None  # set by warm(); later compiles are recompiles
+        self.recompiles = 0
 
     @classmethod
     def load(cls, settings: Settings, spec: ModelSpec) -> VideoPipeline:
@@ -132,10 +147,14 @@ class VideoPipeline:
         dtype = pick_dtype(settings, device)
         pipeline_cls = Kandinsky5I2VPipeline if spec.task == "image-to-video" else Kandinsky5T2VPipeline
         t0 = time.perf_counter()
-        # Loaded to host memory; __init__ places each component (the text encoders may stay there).
-        pipe = pipeline_cls.from_pretrained(spec.source, dtype=dtype, cache_dir=settings.hf_cache_dir)
+        folder = loader.checkpoint_dir(spec, settings)
+        # Placement first, from the files' headers: each component then loads straight to where it will live.
+        weights = loader.weights_bytes(folder, dtype)
+        placement = speed.text_placement(settings, None, device, sum(weights.values()))
+        text_device = device if placement == "device" else torch.device("cpu")
+        pipe = pipeline_cls(**loader.load_components(folder, device, dtype, text_device))
         pipe.set_progress_bar_config(disable=True)
-        loaded = cls(pipe, spec, device, settings)
+        loaded = cls(pipe, spec, device, settings, placement)
         log.info(
             "pipeline loaded",
             extra={
@@ -143,8 +162,9 @@ class VideoPipeline:
                 "source": spec.source,
                 "device": str(device),
                 "dtype": str(dtype),
+                "weights_gb": round(sum(weights.values()) / 1e9, 2),
                 "attention": loaded.attention_backend,
-                "compile": loaded.compile_scope,
+                "compile": loaded.compiled,
                 "text_encoders": loaded.placement,
                 "step_cache": settings.step_cache,
                 "seconds": round(time.perf_counter() - t0, 2),
@@ -156,10 +176,12 @@ class VideoPipeline:
         """Run one video; returns uint8 frames (T, H, W, 3). Fills self.last_stats."""
         if not self._busy.acquire(blocking=False):
             raise RuntimeError("a VideoPipeline runs one generation at a time")
+        self.compiles.ensure()
         try:
             video = self._generate(req, on_step, decode=True)
         finally:
             self._busy.release()
+            self._count_recompiles()
         if not np.isfinite(video).all():
             raise GenerationError("the model produced NaN or Inf values")
         return (np.clip(video, 0.0, 1.0) * 255.0).round().astype(np.uint8)
@@ -242,6 +264,19 @@ class VideoPipeline:
         }
         return video
 
+    def _count_recompiles(self) -> None:
+        """After a job: compiles since the warm-up mean that job paid for compiling; count and log them."""
+        if self.compiles_at_ready is None:
+            return
+        new = self.compiles.count - self.compiles_at_ready - self.recompiles
+        if new > 0:
+            self.recompiles += new
+            metrics.RECOMPILES.labels(self.spec.id).inc(new)
+            log.warning(
+                "torch.compile ran during a job (the warm-up missed a shape or guard)",
+                extra={"model": self.spec.id, "compiles": new, "recompiles_total": self.recompiles},
+            )
+
     def _wants_enhance(self, req: GenerationRequest) -> bool:
         return self.enhance_default if req.enhance_prompt is None else req.enhance_prompt
 
@@ -273,30 +308,65 @@ class VideoPipeline:
             torch.cuda.empty_cache()
 
     def warm(self) -> float:
-        """Before taking jobs: one 1-step generation per served size and duration, so that no job pays for
-        compilation, autotuning or lazy initialisation of its shape."""
+        """Before taking jobs: one generation per served size and duration, so that no job pays for compilation,
+        autotuning or lazy initialisation of its shape. With a step cache the first bucket runs the model's full
+        step schedule (the cache's compute/skip/predict steps all happen once); one more call at the first bucket
+        with a prompt of max_sequence_length tokens covers the longest text. If the chosen attention kernel fails
+        here, the worker falls back to native SDPA once instead of crashing into a restart loop."""
         t0 = time.perf_counter()
+        try:
+            self._warm_all()
+        except Exception:
+            if self.attention.dense == "native":
+                raise
+            log.exception("warm-up failed with attention kernel %s; retrying with native", self.attention.dense)
+            self.attention = attention.AttentionChoice("native", self.attention.visual)
+            attention.apply(self.pipe.transformer, self.attention)
+            self.attention_backend = self.attention.describe()
+            self.warmed.clear()
+            self._warm_all()
+        self.compiles_at_ready = self.compiles.count
+        seconds = time.perf_counter() - t0
+        log.info(
+            "pipeline warm",
+            extra={
+                "model": self.spec.id,
+                "buckets": len(self.warmed),
+                "compiles": self.compiles.count,
+                "seconds": round(seconds, 2),
+            },
+        )
+        return seconds
+
+    def _warm_all(self) -> None:
         if self.enhance_default:
             with self.encoders.resident() as device:
                 expand_prompt(self.pipe.text_encoder, self.pipe.tokenizer, "warm-up", device, max_new_tokens=4)
-        for width, height, frames in buckets(self.spec):
-            image = Image.new("RGB", (width, height), (128, 96, 64)) if self.spec.task == "image-to-video" else None
-            self._warm_bucket(
-                GenerationRequest(
-                    prompt="warm-up",
-                    width=width,
-                    height=height,
-                    num_frames=frames,
-                    num_inference_steps=1,
-                    guidance_scale=self.spec.guidance,
-                    seed=0,
-                    image=image,
-                    enhance_prompt=False,
-                )
-            )
+        all_buckets = buckets(self.spec)
+        for index, (width, height, frames) in enumerate(all_buckets):
+            steps = self.step_cache.warm_steps(self.spec.steps) if index == 0 else 1
+            self._warm_bucket(self._warm_request(width, height, frames, steps, "warm-up"))
             self.warmed.append((width, height, frames))
-        seconds = time.perf_counter() - t0
-        log.info(
-            "pipeline warm", extra={"model": self.spec.id, "buckets": len(self.warmed), "seconds": round(seconds, 2)}
+        self._warm_bucket(self._warm_request(*all_buckets[0], 1, self._longest_prompt()))
+
+    def _warm_request(self, width: int, height: int, frames: int, steps: int, prompt: str) -> GenerationRequest:
+        image = Image.new("RGB", (width, height), (128, 96, 64)) if self.spec.task == "image-to-video" else None
+        return GenerationRequest(
+            prompt=prompt,
+            width=width,
+            height=height,
+            num_frames=frames,
+            num_inference_steps=steps,
+            guidance_scale=self.spec.guidance,
+            seed=0,
+            image=image,
+            enhance_prompt=False,
         )
-        return seconds
+
+    def _longest_prompt(self) -> str:
+        """A prompt of at least max_sequence_length Qwen tokens (the pipeline truncates it to exactly that)."""
+        words = "a red fox runs through fresh snow at dawn while the camera tracks it "
+        text = words
+        while len(self.pipe.tokenizer(text=[text])["input_ids"][0]) < self.settings.max_sequence_length + 16:
+            text += words * 8
+        return text

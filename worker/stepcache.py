@@ -12,6 +12,7 @@ an uncond call every step; the hooks need those two kept apart, which StepCacher
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 import torch
@@ -43,6 +44,32 @@ class StepCacher:
         self._calls = 0
         self._cfg = False
         self._hook = transformer.register_forward_pre_hook(self._name_branch) if kind != "off" else None
+
+    def hooked_modules(self) -> list[torch.nn.Module]:
+        """The modules this cache's hooks will wrap (what worker/speed.py compiles one by one), in model order."""
+        if self.kind == "off":
+            return []
+        if self.kind == "magcache":
+            from diffusers.hooks._common import _ALL_TRANSFORMER_BLOCK_IDENTIFIERS
+
+            # apply_mag_cache hooks every block of the model's block lists (Kandinsky: the visual blocks).
+            return [
+                block
+                for name, blocks in self.transformer.named_children()
+                if name in _ALL_TRANSFORMER_BLOCK_IDENTIFIERS and isinstance(blocks, torch.nn.ModuleList)
+                for block in blocks
+            ]
+        # TaylorSeer hooks the modules whose names match its identifiers in full.
+        return [
+            m
+            for name, m in self.transformer.named_modules()
+            if any(re.fullmatch(pattern, name) for pattern in _TAYLORSEER_MODULES)
+        ]
+
+    def warm_steps(self, model_steps: int) -> int:
+        """Steps of the warm-up generation: a cache's full schedule (every compute/skip/predict transition has
+        happened before the worker is ready), else 1."""
+        return 1 if self.kind == "off" else model_steps
 
     def _config(self, steps: int):
         from diffusers.hooks import MagCacheConfig, TaylorSeerCacheConfig

@@ -36,7 +36,7 @@ from transformers import (
 
 from service.models import SPEC_FILE, TINY
 
-__all__ = ["Task", "build_tiny_pipeline", "save_tiny_checkpoint", "save_tiny_models"]
+__all__ = ["Task", "build_tiny_pipeline", "save_published_layout", "save_tiny_checkpoint", "save_tiny_models"]
 
 Task: TypeAlias = Literal["t2v", "i2v"]
 Kandinsky5VideoPipeline: TypeAlias = Kandinsky5T2VPipeline | Kandinsky5I2VPipeline
@@ -265,6 +265,58 @@ def save_tiny_checkpoint(task: Task, out_dir: pathlib.Path, seed: int = 0) -> pa
     out_dir = pathlib.Path(out_dir)
     build_tiny_pipeline(task, seed=seed).save_pretrained(out_dir, safe_serialization=True)
     return out_dir
+
+
+# What a Qwen2VLProcessor saves beside its text tokenizer, as in the published repos' `tokenizer` folder: the image
+# and video processor configs (building those needs torchvision) and the chat template.
+_PROCESSOR_FILES = {
+    "preprocessor_config.json": {
+        "image_processor_type": "Qwen2VLImageProcessor",
+        "processor_class": "Qwen2VLProcessor",
+        "do_resize": True,
+        "do_rescale": True,
+        "do_normalize": True,
+        "do_convert_rgb": True,
+        "image_mean": [0.48145466, 0.4578275, 0.40821073],
+        "image_std": [0.26862954, 0.26130258, 0.27577711],
+        "min_pixels": 3136,
+        "max_pixels": 12845056,
+        "patch_size": 14,
+        "temporal_patch_size": 2,
+        "merge_size": 2,
+    },
+    "video_preprocessor_config.json": {
+        "video_processor_type": "Qwen2VLVideoProcessor",
+        "processor_class": "Qwen2VLProcessor",
+        "patch_size": 14,
+        "temporal_patch_size": 2,
+        "merge_size": 2,
+    },
+    "chat_template.json": {
+        "chat_template": "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+        "{% for content in message['content'] %}{% if content['type'] == 'text' %}{{ content['text'] }}{% endif %}"
+        "{% endfor %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    },
+}
+
+
+def save_published_layout(task: Task, out_dir: pathlib.Path, seed: int = 0) -> pathlib.Path:
+    """A tiny checkpoint laid out like a published `-Diffusers` repo: model_index.json names a Qwen2VLProcessor
+    as `tokenizer`, whose folder carries the processor's configs next to the text tokenizer's files. Loading it
+    with plain `from_pretrained` needs torchvision; the worker's loader must not."""
+    out = save_tiny_checkpoint(task, out_dir, seed=seed)
+    index_path = out / "model_index.json"
+    index = json.loads(index_path.read_text())
+    index["tokenizer"] = ["transformers", "Qwen2VLProcessor"]
+    index_path.write_text(json.dumps(index, indent=2) + "\n")
+    folder = out / "tokenizer"
+    config_path = folder / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["processor_class"] = "Qwen2VLProcessor"
+    config_path.write_text(json.dumps(config, indent=2) + "\n")
+    for name, content in _PROCESSOR_FILES.items():
+        (folder / name).write_text(json.dumps(content, indent=2) + "\n")
+    return out
 
 
 def save_tiny_models(directory: pathlib.Path, seed: int = 0) -> dict[str, pathlib.Path]:
