@@ -64,6 +64,12 @@ def gateway(workers: int) -> None:
 @main.command()
 def worker() -> None:
     """Run a GPU worker for the model in K5_MODEL (loads and warms it, then takes jobs one at a time)."""
+    import os
+
+    from worker.speed import configure_allocator
+
+    # Before anything initialises CUDA: the allocator reads it once (worker/speed.py says why expandable segments).
+    configure_allocator(os.environ)
     from worker.main import run
 
     run(_settings())

@@ -27,6 +27,7 @@ from service.settings import Settings
 from service.storage import Storage, open_storage
 from worker import runner
 from worker.pipeline import VideoPipeline
+from worker.speed import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +113,10 @@ def run(settings: Settings) -> None:
     metrics.serve(settings.host, settings.metrics_port, ready.is_set)
 
     # Load and warm before announcing: a worker is only online once it can take a job at full speed.
-    pipeline = VideoPipeline.load(settings, spec)
+    try:
+        pipeline = VideoPipeline.load(settings, spec)
+    except ConfigError as e:  # a configuration that cannot work on this device: one line naming the fix
+        raise SystemExit(f"K5_MODEL={settings.model}: {e}") from None
     pipeline.warm()
     ctx = runner.WorkerContext(store, storage, pipeline, name, settings.asset_ttl_s)
     runner.configure(ctx)

@@ -320,7 +320,8 @@ class VideoPipeline:
             if self.attention.dense == "native":
                 raise
             log.exception("warm-up failed with attention kernel %s; retrying with native", self.attention.dense)
-            self.attention = attention.AttentionChoice("native", self.attention.visual)
+            nabla = self.attention.visual == "flex"
+            self.attention = attention.AttentionChoice("native", "flex" if nabla else "native")
             attention.apply(self.pipe.transformer, self.attention)
             self.attention_backend = self.attention.describe()
             self.warmed.clear()
