@@ -76,6 +76,18 @@ def worker() -> None:
 
 
 @main.command()
+@click.option("--device-memory", type=float, default=None, help="GiB to budget against (default: the GPU's).")
+def doctor(device_memory: float | None) -> None:
+    """Preflight of this host for a worker of K5_MODEL: one table; exit 1 on a blocker (its fix is named)."""
+    from worker import doctor as checks
+
+    rows = checks.run(_settings(), device_memory)
+    click.echo(checks.table(rows))
+    if any(r.status == "FAIL" for r in rows):
+        raise SystemExit(1)
+
+
+@main.command()
 def webhooks() -> None:
     """Deliver signed webhooks from the Redis delivery queue (retries, backoff; run one or more)."""
     import signal

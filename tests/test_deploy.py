@@ -378,6 +378,12 @@ def test_dockerfiles_pin_bases_run_as_non_root_and_start_k5serve(name):
         assert "HF_HOME=/models" in text and "TORCHINDUCTOR_CACHE_DIR=/cache/inductor" in text
         assert 'VOLUME ["/models", "/cache"]' in text and re.search(r"torch==\$\{TORCH_VERSION\}", text)
         assert re.search(r"^FROM nvidia/cuda:[\d.]+-\w*runtime-", text, re.M)
+        # Triton compiles its launcher at run time: a C compiler, libc headers and Python.h must be in the image.
+        (apt,) = re.findall(r"apt-get install (.*?)(?:&&|$)", text, re.M)
+        assert {"gcc", "libc6-dev", "python3-dev"} <= set(apt.split())
+        assert "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True" in text
+        for pkg in ("transformers", "accelerate"):  # pinned, so a rebuild does not drift
+            assert re.search(rf"{pkg}==\$\{{{pkg.upper()}_VERSION\}}", text) and re.search(rf"ARG {pkg.upper()}_VERSION=[\d.]+", text)
 
 
 def test_compose_runs_the_stack_on_one_machine():
@@ -462,3 +468,26 @@ def test_dashboard_queries_use_only_exported_metrics_and_show_them_all():
     assert used == METRICS
     ids = [p["id"] for p in dashboard["panels"]]
     assert len(ids) == len(set(ids)) and dashboard["uid"] == "k5serve"
+
+
+def test_worker_host_memory_follows_the_pools_model():
+    """Pro keeps its text encoders in pinned host memory; Lite keeps everything on the GPU: each pool's memory
+    limit comes from its model unless the pool sets one."""
+    values = {
+        "workers": [
+            {"name": "lite", "model": "kandinsky-5.0-t2v-lite-sft-5s", "gpu": {"count": 1}},
+            {"name": "pro", "model": "kandinsky-5.0-i2v-pro-sft-5s", "gpu": {"count": 1}},
+            {"name": "own", "model": "kandinsky-5.0-t2v-pro-sft-5s", "gpu": {"count": 1}} | _POOL,
+        ]
+    }
+    deployments = of_kind(render(values), "Deployment")
+
+    def resources(pool: str) -> dict:
+        (container,) = deployments[f"k5-k5serve-worker-{pool}"]["spec"]["template"]["spec"]["containers"]
+        return container["resources"]
+
+    host = DEFAULTS["workerDefaults"]["hostMemory"]
+    assert resources("lite")["limits"]["memory"] == host["lite"]["limit"] == "24Gi"
+    assert resources("lite")["requests"] == {"cpu": "4", "memory": host["lite"]["request"]}
+    assert resources("pro")["limits"] == {"memory": host["pro"]["limit"], "nvidia.com/gpu": 1}
+    assert resources("own")["limits"]["memory"] == "128Gi" and resources("own")["requests"]["cpu"] == "8"

@@ -86,8 +86,11 @@ class _PinnedSwap:
         for t in self._tensors(module):
             host = t.data.to("cpu")
             # Page-locked memory copies at full bus speed (and needs a CUDA runtime to allocate).
-            self.pairs.append((t, host.pin_memory() if device.type == "cuda" else host))
-        self.offload()
+            host = host.pin_memory() if device.type == "cuda" else host
+            # Point the tensor at its pinned copy at once: the unpinned one is freed now, so the host holds one
+            # copy of the encoder plus one tensor, not two whole copies (Qwen2.5-VL 7B is 16.6 GB).
+            t.data = host
+            self.pairs.append((t, host))
 
     @staticmethod
     def _tensors(module: torch.nn.Module) -> list[torch.Tensor]:

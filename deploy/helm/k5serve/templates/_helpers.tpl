@@ -146,6 +146,17 @@ imagePullSecrets:
 {{- range $k, $v := (.pool.autoscaling | default dict) }}{{- $_ := set $keda $k $v }}{{- end -}}
 {{- $_ := set $pool "keda" $keda -}}
 {{- $_ := set $pool "modelId" (default $pool.model $pool.modelId) -}}
+{{- /* Memory from hostMemory by model size, unless the pool's resources name it. */ -}}
+{{- $size := ternary "pro" "lite" (contains "-pro-" (lower (printf "%s %s" $pool.model $pool.modelId))) -}}
+{{- $mem := index $pool.hostMemory $size -}}
+{{- $res := deepCopy ($pool.resources | default dict) -}}
+{{- $requests := deepCopy ($res.requests | default dict) -}}
+{{- $limits := deepCopy ($res.limits | default dict) -}}
+{{- if not (hasKey $requests "memory") }}{{ $_ := set $requests "memory" $mem.request }}{{ end -}}
+{{- if not (hasKey $limits "memory") }}{{ $_ := set $limits "memory" $mem.limit }}{{ end -}}
+{{- $_ := set $res "requests" $requests -}}
+{{- $_ := set $res "limits" $limits -}}
+{{- $_ := set $pool "resources" $res -}}
 {{- toJson $pool -}}
 {{- end -}}
 
