@@ -89,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print("| loader | weights GB | peak RSS over baseline GB | peak / weights |\n|---|---|---|---|")
     for how in ("worker", "from_pretrained"):
-        out = subprocess.run([sys.executable, __file__, "--one", str(args.measure), how], capture_output=True, text=True)
+        cmd = [sys.executable, __file__, "--one", str(args.measure), how]
+        out = subprocess.run(cmd, capture_output=True, text=True)
         if out.returncode:
             print(f"| {how} | error: {out.stderr.strip().splitlines()[-1]} | - | - |")
             continue

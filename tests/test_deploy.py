@@ -383,7 +383,8 @@ def test_dockerfiles_pin_bases_run_as_non_root_and_start_k5serve(name):
         assert {"gcc", "libc6-dev", "python3-dev"} <= set(apt.split())
         assert "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True" in text
         for pkg in ("transformers", "accelerate"):  # pinned, so a rebuild does not drift
-            assert re.search(rf"{pkg}==\$\{{{pkg.upper()}_VERSION\}}", text) and re.search(rf"ARG {pkg.upper()}_VERSION=[\d.]+", text)
+            arg = f"{pkg.upper()}_VERSION"
+            assert re.search(rf"{pkg}==\$\{{{arg}\}}", text) and re.search(rf"ARG {arg}=[\d.]+", text)
 
 
 def test_compose_runs_the_stack_on_one_machine():
