@@ -32,6 +32,8 @@ TRANSFORMERS = {
 }
 TIME_DIM = {"lite": 512, "pro": 1024}
 NABLA = {"lite": 0.9, "pro": 0.8}  # attention_P of the published NABLA configs
+# attention_P of the "sta" mask: top-CDF then adds only the single strongest block of each row to the window.
+STA_P = 1e-3
 # variant -> (steps, guidance, scheduler shift), as published.
 VARIANTS = {"sft": (50, 5.0, 10.0), "nocfg": (50, 1.0, 10.0), "distilled": (16, 1.0, 5.0)}
 
@@ -44,14 +46,22 @@ class Case:
     frames: int
     nabla: bool
     variant: str
+    # NABLA's mask: "random" = what the random weights' top-CDF selects at the published P (keeps ~90% of blocks,
+    # nothing like a trained model); "sta" = P set near 0, so the mask is the sliding window (STA) plus about one
+    # block per row: the density upstream reports for trained weights, fixed, so speed can be judged.
+    mask: str = "random"
 
     @property
     def name(self) -> str:
-        attention = "nabla" if self.nabla else "dense"
+        attention = ("nabla" + (" sta-mask" if self.mask == "sta" else "")) if self.nabla else "dense"
         return f"{self.model}-{self.variant} {self.width}x{self.height}x{self.frames} {attention}"
 
+    @property
+    def nabla_p(self) -> float:
+        return STA_P if self.mask == "sta" else NABLA.get(self.model, 0.9)
 
-def transformer_config(model: str, nabla: bool, smoke: bool = False) -> dict:
+
+def transformer_config(model: str, nabla: bool, smoke: bool = False, p: float | None = None) -> dict:
     config = dict(
         TRANSFORMERS[model],
         time_dim=TIME_DIM[model],
@@ -65,7 +75,7 @@ def transformer_config(model: str, nabla: bool, smoke: bool = False) -> dict:
     if smoke:  # full widths, 2 blocks: checks the wiring on a CPU in seconds
         config.update(num_text_blocks=1, num_visual_blocks=2)
     if nabla:
-        config.update(nabla_config(NABLA[model]))
+        config.update(nabla_config(NABLA[model] if p is None else p))
     return config
 
 
@@ -124,9 +134,11 @@ def _keep_fp32(model: torch.nn.Module) -> None:
             param.data = param.data.float()
 
 
-def build_transformer(model: str, nabla: bool, device: torch.device, dtype: torch.dtype, smoke: bool = False):
+def build_transformer(
+    model: str, nabla: bool, device: torch.device, dtype: torch.dtype, smoke: bool = False, p: float | None = None
+):
     with _building(device, dtype):
-        transformer = Kandinsky5Transformer3DModel(**transformer_config(model, nabla, smoke))
+        transformer = Kandinsky5Transformer3DModel(**transformer_config(model, nabla, smoke, p))
         # diffusers zero-initialises the modulations: random gates, or no block (and no prompt) has any effect.
         for module in transformer.modules():
             if isinstance(module, Kandinsky5Modulation):
@@ -141,7 +153,7 @@ def build_pipeline(case: Case, device: torch.device, dtype: torch.dtype, smoke: 
     tiny = build_tiny_pipeline("t2v")
     if case.model == "tiny":
         if case.nabla:
-            tiny.transformer.register_to_config(**nabla_config(0.9))
+            tiny.transformer.register_to_config(**nabla_config(case.nabla_p))
         tiny.scheduler = FlowMatchEulerDiscreteScheduler(shift=shift)
         return tiny.to(device=device, dtype=dtype)
     with _building(device, dtype):
@@ -149,7 +161,7 @@ def build_pipeline(case: Case, device: torch.device, dtype: torch.dtype, smoke: 
         text_encoder_2 = CLIPTextModel(clip_config(tiny.tokenizer_2, smoke)).eval()
         vae = AutoencoderKLHunyuanVideo().eval()
     return Kandinsky5T2VPipeline(
-        transformer=build_transformer(case.model, case.nabla, device, dtype, smoke),
+        transformer=build_transformer(case.model, case.nabla, device, dtype, smoke, case.nabla_p),
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tiny.tokenizer,

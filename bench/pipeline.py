@@ -51,6 +51,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--attention", choices=["auto", "dense", "nabla"], default="auto",
                    help="auto: as published (NABLA only for 10 s Lite); tiny runs one case of each")  # fmt: skip
     p.add_argument("--variants", default="sft", help=f"comma-separated of {','.join(VARIANTS)}")
+    p.add_argument("--nabla-mask", default="random",
+                   help="NABLA: random (random weights' mask), sta (fixed at trained density)")  # fmt: skip
     p.add_argument("--steps", type=int, default=None, help="steps timed (default: the variant's; tiny: 2)")
     p.add_argument("--configs", default="baseline,ours",
                    help="comma-separated: baseline, ours, ours+KEY=VALUE[+KEY=VALUE] (other settings)")  # fmt: skip
@@ -70,13 +72,27 @@ def cases(args: argparse.Namespace) -> list[Case]:
             frames = [int(f) for f in (args.frames or "9").split(",")]
             for nabla in {"auto": [False, True], "dense": [False], "nabla": [True]}[args.attention]:
                 w, h = map(int, (args.size or ("128x128" if nabla else "96x64")).split("x"))
-                out += [Case("tiny", w, h, n, nabla, variant) for n in frames]
+                out += [Case("tiny", w, h, n, nabla, variant, m) for n in frames for m in masks(args, nabla)]
         else:
             w, h = map(int, (args.size or "768x512").split("x"))
             for n in [int(f) for f in (args.frames or "121,241").split(",")]:
                 nabla = n > 121 and args.model == "lite" if args.attention == "auto" else args.attention == "nabla"
-                out.append(Case(args.model, w, h, n, nabla, variant))
+                out += [Case(args.model, w, h, n, nabla, variant, m) for m in masks(args, nabla)]
     return out
+
+
+def masks(args: argparse.Namespace, nabla: bool) -> list[str]:
+    return args.nabla_mask.split(",") if nabla else ["random"]
+
+
+def steps_for(config: str, args: argparse.Namespace, steps_full: int) -> int:
+    """Timed steps of one configuration. A step cache's speed-up depends on its schedule over the whole run (which
+    steps it computes, skips or predicts), so its rows, and the plain `ours` they are compared with, run the
+    variant's full step count."""
+    if args.tiny:
+        return args.steps or 2
+    cached = any("step_cache=" in c and "step_cache=off" not in c for c in args.configs.split(","))
+    return steps_full if cached and config.startswith("ours") else (args.steps or steps_full)
 
 
 def text_tokens(pipe, prompt: str, max_sequence_length: int = 512) -> int:
@@ -150,8 +166,7 @@ def compare_to_ours(rows: list[dict], outputs: list[tuple[dict, object]]) -> Non
 
 def run_case(case: Case, args, device: torch.device, dtype: torch.dtype, ceiling: float) -> list[dict]:
     steps_full, guidance, _ = VARIANTS[case.variant]
-    steps = args.steps or (2 if args.tiny else steps_full)
-    video_steps = steps if args.tiny else steps_full
+    video_steps = args.steps or 2 if args.tiny else steps_full
     pipe = build_pipeline(case, device, dtype, smoke=args.smoke)
     pipe.set_progress_bar_config(disable=True)
     rows: list[dict] = []
@@ -159,11 +174,13 @@ def run_case(case: Case, args, device: torch.device, dtype: torch.dtype, ceiling
     for config in args.configs.split(","):
         row = {"case": case.name, "config": config}
         name, *overrides = config.split("+")
+        steps = steps_for(config, args, steps_full)
         try:
             if name == "baseline":
                 frames, stats = runs.baseline(pipe, case, steps, guidance, device, args.seed)
                 if hasattr(pipe, "remove_all_hooks"):
                     pipe.remove_all_hooks()  # undo model CPU offload before 'ours' takes the components
+                pipe.transformer._compiled_call_impl = None  # undo the NABLA baseline's compile for 'ours'
             else:
                 settings = settings_for(args, overrides)
                 frames, stats, pipeline = runs.ours(pipe, case, steps, guidance, device, args.seed, settings)

@@ -37,9 +37,10 @@ def _reset_peak(device: torch.device) -> None:
 
 
 def baseline(pipe, case: Case, steps: int, guidance: float, device: torch.device, seed: int) -> tuple[np.ndarray, dict]:
-    """The seed's documented usage: the whole pipeline on the device in bf16, diffusers' default attention, prompt
-    strings into pipe(...). NABLA checkpoints get flex without compile, as the seed worker did (the default backend
-    cannot run them). Pro follows upstream's advice for one GPU: enable_model_cpu_offload()."""
+    """The documented usage: the whole pipeline on the device in bf16, diffusers' default attention, prompt strings
+    into pipe(...). NABLA checkpoints get flex with the transformer compiled, as upstream documents (the default
+    backend cannot run them; on a CPU, where Inductor cannot build NABLA, flex runs eager). Pro follows upstream's
+    advice for one GPU: enable_model_cpu_offload()."""
     setup = "model cpu offload" if case.model == "pro" and device.type == "cuda" else "all on device"
     if setup == "model cpu offload":
         pipe.enable_model_cpu_offload(device=device)
@@ -49,6 +50,11 @@ def baseline(pipe, case: Case, steps: int, guidance: float, device: torch.device
     # earlier case in this process could have left another one behind: name it. Same for cuDNN autotuning, which
     # ours switches on process-wide.
     pipe.transformer.set_attention_backend("flex" if case.nabla else "native")
+    nabla_compiled = case.nabla and device.type == "cuda"
+    if nabla_compiled:
+        # NABLA's documented usage (upstream and diffusers' docs): flex with the transformer compiled. Uncompiled
+        # flex materialises the whole score matrix (about 1 TB per call at 241 frames): that row cannot finish.
+        pipe.transformer.compile(mode="max-autotune-no-cudagraphs", dynamic=True)
     torch.backends.cudnn.benchmark = False
     text = {"s": 0.0, "end": 0.0}
     encode_prompt = pipe.encode_prompt
@@ -95,8 +101,10 @@ def baseline(pipe, case: Case, steps: int, guidance: float, device: torch.device
     finally:
         del pipe.encode_prompt
     stats = {
-        "attention": "flex (eager)" if case.nabla else "default (native SDPA)",
-        "compile": "off",
+        "attention": ("flex" if nabla_compiled else "flex (eager: no NABLA compile on CPU)")
+        if case.nabla
+        else "default (native SDPA)",
+        "compile": "full" if nabla_compiled else "off",
         "setup": setup,
         "text_encode_s": text["s"],
         "denoise_s": step_ends[-1] - text["end"],
@@ -123,6 +131,7 @@ def ours(
         steps=steps,
         max_steps=1000,
         guidance=guidance,
+        attention="nabla" if case.nabla else "dense",
     )
     t0 = time.perf_counter()
     pipeline = VideoPipeline(pipe, spec, device, settings)
