@@ -24,13 +24,16 @@ log = logging.getLogger(__name__)
 _RESIDENT_SHARE = 0.6
 # Peak of diffusers' HunyuanVideo VAE decode. It decodes 5 latent frames (17 video frames) per chunk, so the
 # chunk's activations do not grow with the clip: only the decoded output (3 channels, a few copies while the chunks
-# are blended and joined) does. Measured with bench/vae_memory.py, real VAE architecture, fp32, CPU peak RSS, at
-# 64x64, 128x128 and 192x128 and 17-121 frames (BENCHMARKS.md): the peak did not move with frames (within 4%) and
-# grew linearly with pixels, 177 128-channel activations per output pixel beyond a 0.18 GiB fixed part.
-# Assumption: the GPU's conv kernels hold about the same working set per pixel as the CPU's, in the GPU's dtype;
-# bench/gpu_check.sh measures it on the GPU to confirm.
-_VAE_CHUNK_ACTIVATIONS = 177
-_VAE_FIXED_BYTES = int(0.18 * 2**30)
+# are blended and joined) does. Measured with bench/vae_memory.py (real VAE architecture, random weights, fp32, CPU
+# peak RSS of a fresh process) at 64x64, 128x128 and 192x128 and 17 to 121 frames (BENCHMARKS.md): the peak did
+# not move with frames (within 7%) and a least-squares fit over the ten points gives 178 128-channel activations
+# per output pixel plus 0.16 GiB, each point within 7% of the fit.
+#   peak = 0.16 GiB + 178 * H * W * 128 * bytes + 3 * frames * H * W * 3 * bytes
+# At 768x512 in bf16 that is 19.8 GB for 241 frames and 18.9 GB for 121 (the previous whole-clip rule said
+# 291 GB for 241 frames and tiled every job). Assumption: the GPU's conv kernels (cuDNN) hold about the same
+# working set per pixel as the CPU's, scaled by the dtype; bench/gpu_check.sh measures it on a GPU to confirm.
+_VAE_CHUNK_ACTIVATIONS = 178
+_VAE_FIXED_BYTES = int(0.16 * 2**30)
 # Copies of the decoded clip alive at the peak: the per-chunk outputs, their blend, the concatenation.
 _VAE_OUTPUT_COPIES = 3
 
