@@ -55,7 +55,11 @@ def test_tiny_table_has_every_row_and_column(tiny_run):
     ours = [r for r in rows if r["config"] == "ours"]
     assert all(math.isfinite(r["vs_baseline"]) and r["warm_s"] >= 0 for r in ours)
     nabla = ours[1]
-    assert nabla["attention"] == "flex" and 0 < nabla["kept_mean"] <= 1 and 0 < nabla["sta_kept"] <= 1
+    # NABLA's block masks need flex on the visual self-attention only; the other layers keep the dense kernel.
+    assert nabla["attention"] == "native (visual self-attention: flex)"
+    assert 0 < nabla["kept_mean"] <= 1 and 0 < nabla["sta_kept"] <= 1
+    # The baseline runs NABLA as documented (flex + compile) where it can; on a CPU it says it ran eager.
+    assert rows[2]["attention"].startswith("flex (eager") and rows[2]["compile"] == "off"
     assert data["meta"]["ceiling_tflops"] > 0 and data["meta"]["device"].startswith("CPU")
 
 
@@ -150,3 +154,20 @@ def test_warmup_bench_runs_fresh_processes_and_times_two_jobs(tmp_path):
             assert math.isfinite(row[key]) and row[key] > 0, key
     assert rows[0]["cache"] == "empty"
     assert "| first job s |" in done.stdout
+
+
+def test_nabla_masks_and_step_counts_of_the_gpu_rows():
+    from bench import pipeline
+
+    args = pipeline.parse_args(["--full", "--frames", "121,241", "--nabla-mask", "random,sta", "--steps", "3",
+                                "--configs", "baseline,ours,ours+step_cache=taylorseer"])  # fmt: skip
+    cases = pipeline.cases(args)
+    assert [(c.frames, c.nabla, c.mask) for c in cases] == [(121, False, "random"), (241, True, "random"),
+                                                            (241, True, "sta")]  # fmt: skip
+    assert cases[1].nabla_p == 0.9 and cases[2].nabla_p < 0.01 and cases[2].name.endswith("nabla sta-mask")
+    assert transformer_config("lite", True, p=cases[2].nabla_p)["attention_P"] == cases[2].nabla_p
+    # A step cache's rows, and the plain ours they are compared with, run the variant's full schedule.
+    assert pipeline.steps_for("baseline", args, 50) == 3
+    assert pipeline.steps_for("ours", args, 50) == pipeline.steps_for("ours+step_cache=taylorseer", args, 50) == 50
+    plain = pipeline.parse_args(["--full", "--steps", "3"])
+    assert pipeline.steps_for("ours", plain, 50) == 3

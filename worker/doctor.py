@@ -235,7 +235,7 @@ CHECKS: list[Callable[[Context], Row]] = [_torch, _compiler, _triton, _flex, _fi
 
 
 def run(settings: Settings, device_memory_gib: float | None = None) -> list[Row]:
-    cuda = torch.cuda.is_available() and settings.device in ("auto", "cuda") or settings.device.startswith("cuda")
+    cuda = torch.cuda.is_available() and (settings.device == "auto" or settings.device.startswith("cuda"))
     device = torch.device("cuda" if cuda else "cpu")
     memory = torch.cuda.get_device_properties(device).total_memory if cuda else None
     if device_memory_gib:
