@@ -110,6 +110,14 @@ class Settings(BaseSettings):
     enhance_max_new_tokens: int = Field(256, ge=1, le=2048)
     # VAE tiled decode: "auto" = when the estimated untiled decode does not fit in the free device memory.
     vae_tiling: Literal["auto", "on", "off"] = "auto"
+    # -- sampling: how the transformer is fed (worker/sampling.py). Defaults are upstream's, as the checkpoints were
+    # trained; "diffusers" / "model" are diffusers 0.42.1's pipeline behaviour.
+    # Sigma grid: "upstream" = shift*s/(1+(shift-1)*s), s = linspace(1, 0, N+1)[:-1]; "diffusers" = the scheduler's.
+    sampling_grid: Literal["upstream", "diffusers"] = "upstream"
+    # The timestep at the time embedding: "float32" (upstream) or "model" (cast to the weights' dtype, e.g. bf16).
+    timestep_precision: Literal["float32", "model"] = "float32"
+    # Qwen prompt template: "upstream" (the training text, "promt engineer", crop 129) or "diffusers" (128).
+    prompt_template: Literal["upstream", "diffusers"] = "upstream"
     # Step caching, lossy and off by default: "taylorseer" or "magcache" (needs step_cache_mag_ratios).
     step_cache: Literal["off", "taylorseer", "magcache"] = "off"
     # MagCache's accumulated-error threshold (upstream: 0.12).

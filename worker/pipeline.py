@@ -21,7 +21,7 @@ from PIL import Image
 
 from service.models import TINY, ModelSpec, parse_size
 from service.settings import Settings
-from worker import speed
+from worker import sampling, speed
 from worker.enhance import expand_prompt
 from worker.stepcache import StepCacher, parse_mag_ratios
 from worker.textcache import DEFAULT_NEGATIVE_PROMPT, LRU, PromptEmbeds, TextEncoders
@@ -108,6 +108,10 @@ class VideoPipeline:
             settings.step_cache_interval,
             parse_mag_ratios(settings.step_cache_mag_ratios),
         )
+        # Before compiling: the grid, the fp32 timestep hook and the prompt template (worker/sampling.py).
+        self.sampling = sampling.Sampling(
+            pipe, settings.sampling_grid, settings.timestep_precision, settings.prompt_template
+        )
         self.compile_scope = speed.compile_scope(settings, device)
         speed.compile_transformer(transformer, settings, self.compile_scope)
         if settings.enhance_prompt == "auto":
@@ -147,6 +151,7 @@ class VideoPipeline:
                 "compile": loaded.compile_scope,
                 "text_encoders": loaded.placement,
                 "step_cache": settings.step_cache,
+                **loaded.sampling.describe(),
                 "seconds": round(time.perf_counter() - t0, 2),
             },
         )
