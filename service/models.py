@@ -13,6 +13,8 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from service import magcache
+
 SPEC_FILE = "k5serve.json"
 
 Task = Literal["text-to-video", "image-to-video"]
@@ -36,6 +38,10 @@ class ModelSpec(BaseModel):
     shift: float | None = None
     # "nabla" when the checkpoint's transformer uses NABLA sparse attention (needs the flex backend).
     attention: Literal["dense", "nabla"] = "dense"
+    # MagCache (step_cache=magcache): upstream's published magnitude ratios, cond/uncond pairs for steps 1..49 of a
+    # 50-step run (service/magcache.py; empty: none published), and its accumulated-error threshold.
+    mag_ratios: list[float] = []
+    mag_threshold: float = Field(magcache.THRESHOLD, gt=0)
     description: str = ""
 
     @property
@@ -70,6 +76,7 @@ def _lite(variant: str, secs: int, steps: int, guidance: float, shift: float) ->
         shift=shift,
         # Only the 10 s Lite checkpoints ship a NABLA transformer config (P=0.9, wT=11, wH=3, wW=3).
         attention="nabla" if secs == 10 else "dense",
+        mag_ratios=magcache.MAG_RATIOS.get(f"kandinsky-5.0-t2v-lite-{variant}-{secs}s", []),
         description=f"Kandinsky 5.0 T2V Lite (2B) {variant}, {secs} s",
     )
 
@@ -86,6 +93,7 @@ def _pro(task: Task) -> ModelSpec:
         steps=50,
         guidance=5.0,
         shift=10.0,
+        mag_ratios=magcache.MAG_RATIOS[f"kandinsky-5.0-{short}-pro-sft-5s"],
         description=f"Kandinsky 5.0 {short.upper()} Pro (19B) sft, 5 s",
     )
 

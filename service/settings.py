@@ -118,13 +118,14 @@ class Settings(BaseSettings):
     timestep_precision: Literal["float32", "model"] = "float32"
     # Qwen prompt template: "upstream" (the training text, "promt engineer", crop 129) or "diffusers" (128).
     prompt_template: Literal["upstream", "diffusers"] = "upstream"
-    # Step caching, lossy and off by default: "taylorseer" or "magcache" (needs step_cache_mag_ratios).
+    # Step caching, lossy and off by default: "taylorseer" or "magcache" (ratios from the model or the setting below).
     step_cache: Literal["off", "taylorseer", "magcache"] = "off"
-    # MagCache's accumulated-error threshold (upstream: 0.12).
-    step_cache_threshold: float = Field(0.12, gt=0)
+    # MagCache's accumulated-error threshold; unset = the model's (the catalogue ships upstream's 0.12).
+    step_cache_threshold: float | None = Field(None, gt=0)
     # TaylorSeer: full computation every this many steps.
     step_cache_interval: int = Field(5, ge=1)
-    # MagCache ratios of the checkpoint, comma-separated, cond/uncond interleaved as in upstream's configs.
+    # MagCache ratios, comma-separated cond/uncond pairs as in upstream's configs (magcache.mag_ratios); unset = the
+    # model's own (the catalogue ships upstream's for the 50-step checkpoints).
     step_cache_mag_ratios: str = ""
 
     log_level: str = "INFO"

@@ -169,3 +169,101 @@ def test_fp32_timestep_compiles_once(t2v_spec):
         assert counter.frame_count == first
     finally:
         torch._dynamo.reset()
+
+
+def upstream_magcache(published: list[float], steps: int, cfg: bool) -> tuple[list[float], list[bool]]:
+    """kandinsky/magcache_utils.py, written out: the ratio each transformer call reads and whether it computes the
+    visual blocks, for one generation (cfg: cond then uncond each step; nocfg: cnt advances by 2)."""
+    ratios = np.array([1.0] * 2 + published)
+    if len(ratios) != steps * 2:
+
+        def interp(src):
+            scale = (len(src) - 1) / (steps - 1)
+            return src[np.round(np.arange(steps) * scale).astype(int)]
+
+        ratios = np.stack([interp(ratios[0::2]), interp(ratios[1::2])], axis=1).reshape(-1)
+    thresh, k, retention, num = 0.12, 2, 0.2, steps * 2
+    acc_err, acc_steps, acc_ratio = [0.0, 0.0], [0, 0], [1.0, 1.0]
+    read, computed = [], []
+    cnt = 0
+    while cnt < num:
+        b = cnt % 2
+        skip = False
+        read.append(float(ratios[cnt]))  # this call's step and branch (upstream reads it past the retention only)
+        if cnt >= int(num * retention):
+            acc_ratio[b] *= ratios[cnt]
+            acc_steps[b] += 1
+            acc_err[b] += abs(1 - acc_ratio[b])
+            if acc_err[b] < thresh and acc_steps[b] <= k:
+                skip = True
+            else:
+                acc_err[b], acc_steps[b], acc_ratio[b] = 0.0, 0, 1.0
+        computed.append(not skip)
+        cnt += 1 if cfg else 2
+    return read, computed
+
+
+class RatioProbe:
+    """Records what diffusers' MagCache head hook reads from its config, and whether each call ran the blocks."""
+
+    def __init__(self, transformer) -> None:
+        from diffusers.hooks.mag_cache import _MAG_CACHE_LEADER_BLOCK_HOOK
+
+        head = transformer.visual_transformer_blocks[0]
+        config = head._diffusers_hook.get_hook(_MAG_CACHE_LEADER_BLOCK_HOOK).config
+        probe = self
+        self.read: list[float] = []
+        self.calls = 0
+        self.attention_calls: list[int] = []
+        inner = config.mag_ratios
+
+        class Recording:
+            def __len__(self):
+                return len(inner)
+
+            def __getitem__(self, i):
+                value = float(inner[i])
+                probe.read.append(value)
+                return value
+
+        config.mag_ratios = Recording()
+        self.handles = [
+            transformer.register_forward_pre_hook(lambda *_: self.attention_calls.append(0)),
+            head.self_attention.register_forward_pre_hook(lambda *_: self._ran()),
+        ]
+
+    def _ran(self) -> None:
+        self.attention_calls[-1] += 1
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+@pytest.mark.parametrize(
+    "model, steps, guidance",
+    [
+        ("kandinsky-5.0-t2v-lite-sft-5s", 50, 5.0),
+        ("kandinsky-5.0-t2v-pro-sft-5s", 25, 5.0),
+        ("kandinsky-5.0-t2v-lite-nocfg-5s", 50, 1.0),
+    ],
+)
+def test_magcache_reads_upstreams_ratio_at_every_step(t2v_spec, model, steps, guidance):
+    """The catalogue's published ratios, read per step and branch as upstream reads them (leading 1.0 for step 0, no
+    shift by one), and the same steps skipped."""
+    from service.models import CATALOGUE
+
+    published = CATALOGUE[model].mag_ratios
+    assert len(published) == 98 and CATALOGUE[model].mag_threshold == 0.12
+    spec = t2v_spec.model_copy(update={"mag_ratios": published})
+    pipeline = load(spec, step_cache="magcache")
+    pipeline.step_cache.prepare(steps, guidance > 1.0)  # the hooks exist once prepared for a step count
+    probe = RatioProbe(pipeline.pipe.transformer)
+    try:
+        generate(pipeline, steps, guidance)
+    finally:
+        probe.remove()
+    read, computed = upstream_magcache(published, steps, cfg=guidance > 1.0)
+    assert probe.read == pytest.approx(read, abs=1e-12)
+    assert [n > 0 for n in probe.attention_calls] == computed
+    assert not all(computed)  # the threshold does skip steps with these ratios

@@ -104,9 +104,9 @@ class VideoPipeline:
         self.step_cache = StepCacher(
             transformer,
             settings.step_cache,
-            settings.step_cache_threshold,
+            settings.step_cache_threshold or spec.mag_threshold,
             settings.step_cache_interval,
-            parse_mag_ratios(settings.step_cache_mag_ratios),
+            parse_mag_ratios(settings.step_cache_mag_ratios) or spec.mag_ratios,
         )
         # Before compiling: the grid, the fp32 timestep hook and the prompt template (worker/sampling.py).
         self.sampling = sampling.Sampling(
