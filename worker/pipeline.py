@@ -21,8 +21,7 @@ from PIL import Image
 
 from service.models import TINY, ModelSpec, parse_size
 from service.settings import Settings
-from worker import sampling, speed
-from worker.enhance import expand_prompt
+from worker import enhance, sampling, speed
 from worker.stepcache import StepCacher, parse_mag_ratios
 from worker.textcache import DEFAULT_NEGATIVE_PROMPT, LRU, PromptEmbeds, TextEncoders
 
@@ -93,7 +92,7 @@ class VideoPipeline:
         self.encoders = TextEncoders(
             pipe, device, self.placement, settings.text_cache_size, settings.max_sequence_length
         )
-        self.expansions: LRU[tuple[str, int], str] = LRU(settings.text_cache_size)
+        self.expansions: LRU[tuple[str, int, str], str] = LRU(settings.text_cache_size)
         tokens = max(speed.latent_tokens(transformer, w, h, n) for w, h, n in buckets(spec))
         self.attention_backend, self.attention_timings = speed.choose_attention_backend(
             settings.attention_backend, transformer, device, tokens
@@ -119,6 +118,11 @@ class VideoPipeline:
             self.enhance_default = spec.id not in TINY
         else:
             self.enhance_default = settings.enhance_prompt == "on"
+        # Checked once at load (worker/enhance.py): a missing LM head, or image-to-video without the processor.
+        self.enhance_unavailable = enhance.unavailable_reason(pipe, spec.task)
+        if self.enhance_unavailable is not None:
+            log.warning("prompt expansion disabled", extra={"model": spec.id, "reason": self.enhance_unavailable})
+            self.enhance_default = False
         # Nearly every job uses the default negative prompt: encode it once, now.
         self.encoders.pin(DEFAULT_NEGATIVE_PROMPT)
 
@@ -185,7 +189,7 @@ class VideoPipeline:
         cfg = req.guidance_scale > 1.0
         t0 = time.perf_counter()
         with self.encoders.session():
-            enhanced = self._expand(req.prompt) if self._wants_enhance(req) else None
+            enhanced = self._expand(req.prompt, req.image) if self._wants_enhance(req) else None
             t_enhanced = time.perf_counter()
             positive, hit = self.encoders.encode(enhanced or req.prompt)
             negative = self._negative(req.negative_prompt) if cfg else None
@@ -248,15 +252,26 @@ class VideoPipeline:
         return video
 
     def _wants_enhance(self, req: GenerationRequest) -> bool:
+        if self.enhance_unavailable is not None:
+            return False  # said once at load; a request asking for it gets its prompt as written
         return self.enhance_default if req.enhance_prompt is None else req.enhance_prompt
 
-    def _expand(self, prompt: str) -> str:
-        key = (prompt, self.settings.enhance_max_new_tokens)
+    def _expand(self, prompt: str, image: Image.Image | None = None, max_new_tokens: int | None = None) -> str:
+        # Image-to-video expansion looks at the image (upstream's way); text-to-video requests carry none.
+        image = image if self.spec.task == "image-to-video" else None
+        max_new_tokens = max_new_tokens or self.settings.enhance_max_new_tokens
+        key = (prompt, max_new_tokens, enhance.image_key(image))
         cached = self.expansions.get(key)
         if cached is None:
             with self.encoders.resident() as device:
-                cached = expand_prompt(
-                    self.pipe.text_encoder, self.pipe.tokenizer, prompt, device, self.settings.enhance_max_new_tokens
+                cached = enhance.expand_prompt(
+                    self.pipe.text_encoder,
+                    self.pipe.tokenizer,
+                    prompt,
+                    device,
+                    max_new_tokens,
+                    image=image,
+                    cache=self.settings.enhance_cache,
                 )
             self.expansions.put(key, cached)
         return cached
@@ -282,8 +297,8 @@ class VideoPipeline:
         compilation, autotuning or lazy initialisation of its shape."""
         t0 = time.perf_counter()
         if self.enhance_default:
-            with self.encoders.resident() as device:
-                expand_prompt(self.pipe.text_encoder, self.pipe.tokenizer, "warm-up", device, max_new_tokens=4)
+            image = Image.new("RGB", (64, 64), (128, 96, 64)) if self.spec.task == "image-to-video" else None
+            self._expand("warm-up", image, max_new_tokens=4)
         for width, height, frames in buckets(self.spec):
             image = Image.new("RGB", (width, height), (128, 96, 64)) if self.spec.task == "image-to-video" else None
             self._warm_bucket(
