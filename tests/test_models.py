@@ -31,7 +31,11 @@ def test_every_size_is_a_multiple_of_16():
             assert w % 16 == 0 and h % 16 == 0
 
 
-def test_resolve_by_id_repo_and_directory(tmp_path):
+def test_resolve_by_id_repo_and_directory(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    # An unknown repo id is looked up on the hub (tests/test_checkpoints.py); here the hub is out of reach at once.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     assert (
         resolve_model("kandinsky-5.0-t2v-lite-sft-5s").source == "kandinskylab/Kandinsky-5.0-T2V-Lite-sft-5s-Diffusers"
     )
