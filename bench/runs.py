@@ -96,6 +96,7 @@ def baseline(pipe, case: Case, steps: int, guidance: float, device: torch.device
         del pipe.encode_prompt
     stats = {
         "attention": "flex (eager)" if case.nabla else "default (native SDPA)",
+        "sampling": "diffusers/model/diffusers",
         "compile": "off",
         "setup": setup,
         "text_encode_s": text["s"],
@@ -143,6 +144,7 @@ def ours(
         "attention": pipeline.attention_backend,
         "attention_timings": pipeline.attention_timings,
         "compile": pipeline.compile_scope,
+        "sampling": "/".join(pipeline.sampling.describe().values()),
         "setup": f"text encoders: {pipeline.placement}",
         "setup_s": setup_s,
         "warm_s": warm_s,
