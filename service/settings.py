@@ -108,9 +108,9 @@ class Settings(BaseSettings):
     enhance_prompt: Literal["auto", "on", "off"] = "auto"
     # Upper bound of the tokens prompt expansion may add (upstream: 256).
     enhance_max_new_tokens: int = Field(256, ge=1, le=2048)
-    # Expansion's KV cache: "static" (transformers compiles the decoding step on CUDA) or "dynamic" (eager
-    # generate(), as upstream and diffusers-based code run it). Greedy output is the same.
-    enhance_cache: Literal["static", "dynamic"] = "static"
+    # Expansion's KV cache: "static" (transformers compiles the decoding step on CUDA), "dynamic" (eager generate(),
+    # as upstream runs it), "auto" = static on CUDA, dynamic on CPU (uncompiled, static is slower). Same output.
+    enhance_cache: Literal["auto", "static", "dynamic"] = "auto"
     # VAE tiled decode: "auto" = when the estimated untiled decode does not fit in the free device memory.
     vae_tiling: Literal["auto", "on", "off"] = "auto"
     # -- sampling: how the transformer is fed (worker/sampling.py). Defaults are upstream's, as the checkpoints were

@@ -14,8 +14,8 @@ plain tokenizer, image-to-video expansion stays off rather than rewrite the prom
 Two checks keep expansion from producing garbage or costing more than it must:
 - at load, `lm_head_stored`: the checkpoint must carry Qwen's language-model head. A text encoder saved without
   it loads with a newly initialised head, which decodes noise (encoding alone never uses the head).
-- decoding uses a static KV cache (`enhance_cache="static"`): transformers then compiles the decoding step on
-  CUDA, instead of running eager `generate()` token by token; greedy output is the same either way.
+- on CUDA decoding uses a static KV cache (`enhance_cache`): transformers then compiles the decoding step
+  instead of running eager `generate()` token by token; greedy output is the same either way.
 """
 
 from __future__ import annotations
@@ -142,6 +142,14 @@ def lm_head_stored(text_encoder) -> bool | None:
     if keys is None:
         return None
     return any(k == "lm_head.weight" or k.endswith(".lm_head.weight") for k in keys)
+
+
+def cache_for(setting: str, device: torch.device) -> EnhanceCache:
+    """The KV cache expansion decodes with. A static cache pays off once compiled, which transformers does on
+    CUDA only; uncompiled on a CPU it measured slower (tiny model, 12 tokens: 1.47 s static, 0.95 s dynamic)."""
+    if setting == "auto":
+        return "static" if device.type == "cuda" else "dynamic"
+    return "static" if setting == "static" else "dynamic"
 
 
 def unavailable_reason(pipe, task: str) -> str | None:

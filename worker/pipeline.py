@@ -271,7 +271,7 @@ class VideoPipeline:
                     device,
                     max_new_tokens,
                     image=image,
-                    cache=self.settings.enhance_cache,
+                    cache=enhance.cache_for(self.settings.enhance_cache, device),
                 )
             self.expansions.put(key, cached)
         return cached
