@@ -54,8 +54,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--nabla-mask", default="random",
                    help="NABLA: random (random weights' mask), sta (fixed at trained density)")  # fmt: skip
     p.add_argument("--steps", type=int, default=None, help="steps timed (default: the variant's; tiny: 2)")
-    p.add_argument("--configs", default="baseline,ours",
-                   help="comma-separated: baseline, ours, ours+KEY=VALUE[+KEY=VALUE] (other settings)")  # fmt: skip
+    p.add_argument("--configs", default="baseline,ours,ours+diffusers_sampling",
+                   help="comma-separated: baseline, ours, ours+KEY=VALUE[+KEY=VALUE] (other settings); "
+                        "+diffusers_sampling = diffusers' grid, bf16 timestep and template")  # fmt: skip
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="k5serve setting for 'ours'")
     p.add_argument("--enhance", action="store_true", help="ours expands the prompt (off: baseline does not)")
     p.add_argument("--upload-dir", type=Path, help="time an upload of the MP4 to this local directory")
@@ -123,6 +124,8 @@ def finish_row(row: dict, frames, case: Case, pipe, ceiling: float, video_steps:
     row["video_s"] = row["text_encode_s"] + row["step_s"] * video_steps + row["decode_s"]
     row["video_s"] += (row.get("mp4_s") or 0.0) + (row.get("upload_s") or 0.0)
     row["peak_gib"] = row["peak_gpu_memory_bytes"] / 2**30 if row.get("peak_gpu_memory_bytes") else None
+    if row.get("enhance_s"):  # prompt expansion's share of the video (--enhance): what its default is chosen by
+        row["enhance_pct"] = 100 * row["enhance_s"] / row["video_s"]
     if case.nabla and kept is None:
         return  # no FLOP count without the kept fraction: run 'ours' too
     guidance = VARIANTS[case.variant][1]
@@ -139,10 +142,18 @@ def finish_row(row: dict, frames, case: Case, pipe, ceiling: float, video_steps:
     row["x_floor"] = row["video_s"] / row["floor_s"]
 
 
+# Named groups of settings a configuration can add: the three sampling departures from diffusers' pipeline
+# (worker/sampling.py), so one row shows upstream's sampling and the next diffusers' on the same weights.
+ALIASES = {
+    "diffusers_sampling": ["sampling_grid=diffusers", "timestep_precision=model", "prompt_template=diffusers"],
+}
+
+
 def settings_for(args, overrides: list[str]) -> Settings:
     """The worker's settings for one 'ours' configuration: --set, then the configuration's own KEY=VALUEs."""
     values = {"enhance_prompt": "on" if args.enhance else "off"}
-    values.update(kv.split("=", 1) for kv in [*args.set, *overrides])
+    expanded = [kv for item in [*args.set, *overrides] for kv in ALIASES.get(item, [item])]
+    values.update(kv.split("=", 1) for kv in expanded)
     return Settings(**values)
 
 
@@ -185,6 +196,7 @@ def run_case(case: Case, args, device: torch.device, dtype: torch.dtype, ceiling
                 settings = settings_for(args, overrides)
                 frames, stats, pipeline = runs.ours(pipe, case, steps, guidance, device, args.seed, settings)
                 pipeline.step_cache.remove()  # the next configuration gets the transformer as it was
+                pipeline.sampling.remove()  # ... and the scheduler and prompt template
                 if case.nabla:
                     values = runs.nabla_kept(pipeline, case, guidance, args.seed)
                     stats["kept_mean"] = sum(values) / len(values)

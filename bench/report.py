@@ -12,6 +12,7 @@ COLUMNS = [
     ("config", "config", "{}"),
     ("attention", "attention", "{}"),
     ("compile", "compile", "{}"),
+    ("sampling", "sampling", "{}"),  # grid / timestep precision / prompt template (worker/sampling.py)
     ("warm-up s", "warm_s", "{:.2f}"),
     ("text s", "text_encode_s", "{:.3f}"),
     ("steps", "steps", "{}"),
@@ -20,6 +21,7 @@ COLUMNS = [
     ("mp4 s", "mp4_s", "{:.3f}"),
     ("upload s", "upload_s", "{:.3f}"),
     ("s/video", "video_s", "{:.2f}"),
+    ("expand %", "enhance_pct", "{:.1f}"),
     ("peak GiB", "peak_gib", "{:.2f}"),
     ("TFLOP/s", "tflops", "{:.3g}"),
     ("% of matmul", "ceiling_pct", "{:.1f}"),

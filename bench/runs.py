@@ -104,6 +104,7 @@ def baseline(pipe, case: Case, steps: int, guidance: float, device: torch.device
         "attention": ("flex" if nabla_compiled else "flex (eager: no NABLA compile on CPU)")
         if case.nabla
         else "default (native SDPA)",
+        "sampling": "diffusers/model/diffusers",
         "compile": "full" if nabla_compiled else "off",
         "setup": setup,
         "text_encode_s": text["s"],
@@ -152,6 +153,7 @@ def ours(
         "attention": pipeline.attention_backend,
         "attention_timings": pipeline.attention_timings,
         "compile": pipeline.compile_scope,
+        "sampling": "/".join(pipeline.sampling.describe().values()),
         "setup": f"text encoders: {pipeline.placement}",
         "setup_s": setup_s,
         "warm_s": warm_s,

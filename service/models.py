@@ -8,10 +8,13 @@ worker reads it the same way for every model: from this catalogue for the publis
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
+
+from service import magcache
 
 SPEC_FILE = "k5serve.json"
 
@@ -36,7 +39,29 @@ class ModelSpec(BaseModel):
     shift: float | None = None
     # "nabla" when the checkpoint's transformer uses NABLA sparse attention (needs the flex backend).
     attention: Literal["dense", "nabla"] = "dense"
+    # MagCache (step_cache=magcache): upstream's published magnitude ratios, cond/uncond pairs for steps 1..49 of a
+    # 50-step run (service/magcache.py; empty: none published), and its accumulated-error threshold.
+    mag_ratios: list[float] = []
+    mag_threshold: float = Field(magcache.THRESHOLD, gt=0)
     description: str = ""
+
+    @model_validator(mode="after")
+    def _check_shapes(self) -> ModelSpec:
+        # What the pipeline can run (see README, "Models"): the worker would otherwise fail or silently round.
+        multiple = 128 if self.attention == "nabla" else 16  # NABLA's block mask needs 128-px sides
+        for size in self.sizes:
+            w, sep, h = size.partition("x")
+            if not (sep and w.isdigit() and h.isdigit()) or int(w) % multiple or int(h) % multiple:
+                raise ValueError(f"size {size!r} is not WxH with sides multiples of {multiple}")
+        shortest = 17 if self.task == "image-to-video" else 1  # image-to-video below 17 frames returns NaN
+        for seconds, frames in self.seconds.items():
+            if frames < shortest or (frames - 1) % 4:
+                raise ValueError(f"{seconds!r}: {frames} frames is not 4k+1 (at least {shortest})")
+        if self.default_seconds not in self.seconds:
+            raise ValueError(f"default_seconds {self.default_seconds!r} is not one of {list(self.seconds)}")
+        if self.steps > self.max_steps:
+            raise ValueError(f"steps {self.steps} exceeds max_steps {self.max_steps}")
+        return self
 
     @property
     def default_size(self) -> str:
@@ -70,6 +95,7 @@ def _lite(variant: str, secs: int, steps: int, guidance: float, shift: float) ->
         shift=shift,
         # Only the 10 s Lite checkpoints ship a NABLA transformer config (P=0.9, wT=11, wH=3, wW=3).
         attention="nabla" if secs == 10 else "dense",
+        mag_ratios=magcache.MAG_RATIOS.get(f"kandinsky-5.0-t2v-lite-{variant}-{secs}s", []),
         description=f"Kandinsky 5.0 T2V Lite (2B) {variant}, {secs} s",
     )
 
@@ -86,6 +112,7 @@ def _pro(task: Task) -> ModelSpec:
         steps=50,
         guidance=5.0,
         shift=10.0,
+        mag_ratios=magcache.MAG_RATIOS[f"kandinsky-5.0-{short}-pro-sft-5s"],
         description=f"Kandinsky 5.0 {short.upper()} Pro (19B) sft, 5 s",
     )
 
@@ -146,29 +173,39 @@ class UnknownModelError(ValueError):
     pass
 
 
-def resolve_model(model: str) -> ModelSpec:
+def resolve_model(model: str, cache_dir: str | None = None) -> ModelSpec:
     """What a worker configured with K5_MODEL serves.
 
-    Accepts a catalogue id, a hub repo id of a catalogued checkpoint, or a local diffusers directory: one that
-    carries a k5serve.json, or a downloaded published checkpoint whose directory name is its repo name.
+    Accepts a catalogue id, a hub repo id, or a local diffusers directory. A catalogued checkpoint (by id, repo id,
+    or a downloaded directory named like its repo) gets its catalogue entry; any other Kandinsky 5 checkpoint is
+    read from its own configs (service/checkpoints.py), with an optional k5serve.json beside them.
     """
+    from service import checkpoints
+
     path = Path(model).expanduser()
     if path.is_dir():
+        path = path.resolve()
         spec_file = path / SPEC_FILE
-        if spec_file.is_file():
-            spec = ModelSpec.model_validate(json.loads(spec_file.read_text()))
-            return spec.model_copy(update={"source": str(path.resolve())})
+        if not (path / "model_index.json").is_file():
+            if spec_file.is_file():
+                spec = ModelSpec.model_validate(json.loads(spec_file.read_text()))
+                return spec.model_copy(update={"source": str(path)})
+            for spec in CATALOGUE.values():
+                if spec.source.split("/")[-1].lower() == path.name.lower():
+                    return spec.model_copy(update={"source": str(path)})
+            raise UnknownModelError(
+                f"{path} has no model_index.json or {SPEC_FILE} and its name matches no catalogued checkpoint"
+            )
         for spec in CATALOGUE.values():
-            if spec.source.split("/")[-1].lower() == path.resolve().name.lower():
-                return spec.model_copy(update={"source": str(path.resolve())})
-        raise UnknownModelError(
-            f"{path} has no {SPEC_FILE} and its name matches no catalogued checkpoint; "
-            f"add a {SPEC_FILE} describing its sizes, durations, steps and guidance"
-        )
+            if spec.source.split("/")[-1].lower() == path.name.lower() and not spec_file.is_file():
+                return spec.model_copy(update={"source": str(path)})
+        return checkpoints.spec_from_configs(path.name, str(path), checkpoints.local_reader(path))
     spec = find_spec(model)
-    if spec is None or spec.id in TINY:
-        raise UnknownModelError(
-            f"unknown model {model!r}: use a catalogue id ({', '.join(sorted(CATALOGUE))}), "
-            "a catalogued hub repo id, or a local diffusers directory"
-        )
-    return spec
+    if spec is not None and spec.id not in TINY:
+        return spec
+    if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*", model) and model not in TINY:
+        return checkpoints.spec_from_configs(model.split("/")[-1], model, checkpoints.hub_reader(model, cache_dir))
+    raise UnknownModelError(
+        f"unknown model {model!r}: use a catalogue id ({', '.join(sorted(CATALOGUE))}), "
+        "a hub repo id of a Kandinsky 5 Diffusers checkpoint, or a local diffusers directory"
+    )

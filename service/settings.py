@@ -111,15 +111,27 @@ class Settings(BaseSettings):
     enhance_prompt: Literal["auto", "on", "off"] = "auto"
     # Upper bound of the tokens prompt expansion may add (upstream: 256).
     enhance_max_new_tokens: int = Field(256, ge=1, le=2048)
+    # Expansion's KV cache: "static" (transformers compiles the decoding step on CUDA), "dynamic" (eager generate(),
+    # as upstream runs it), "auto" = static on CUDA, dynamic on CPU (uncompiled, static is slower). Same output.
+    enhance_cache: Literal["auto", "static", "dynamic"] = "auto"
     # VAE tiled decode: "auto" = when the estimated untiled decode does not fit in the free device memory.
     vae_tiling: Literal["auto", "on", "off"] = "auto"
-    # Step caching, lossy and off by default: "taylorseer" or "magcache" (needs step_cache_mag_ratios).
+    # -- sampling: how the transformer is fed (worker/sampling.py). Defaults are upstream's, as the checkpoints were
+    # trained; "diffusers" / "model" are diffusers 0.42.1's pipeline behaviour.
+    # Sigma grid: "upstream" = shift*s/(1+(shift-1)*s), s = linspace(1, 0, N+1)[:-1]; "diffusers" = the scheduler's.
+    sampling_grid: Literal["upstream", "diffusers"] = "upstream"
+    # The timestep at the time embedding: "float32" (upstream) or "model" (cast to the weights' dtype, e.g. bf16).
+    timestep_precision: Literal["float32", "model"] = "float32"
+    # Qwen prompt template: "upstream" (the training text, "promt engineer", crop 129) or "diffusers" (128).
+    prompt_template: Literal["upstream", "diffusers"] = "upstream"
+    # Step caching, lossy and off by default: "taylorseer" or "magcache" (ratios from the model or the setting below).
     step_cache: Literal["off", "taylorseer", "magcache"] = "off"
-    # MagCache's accumulated-error threshold (upstream: 0.12).
-    step_cache_threshold: float = Field(0.12, gt=0)
+    # MagCache's accumulated-error threshold; unset = the model's (the catalogue ships upstream's 0.12).
+    step_cache_threshold: float | None = Field(None, gt=0)
     # TaylorSeer: full computation every this many steps.
     step_cache_interval: int = Field(5, ge=1)
-    # MagCache ratios of the checkpoint, comma-separated, cond/uncond interleaved as in upstream's configs.
+    # MagCache ratios, comma-separated cond/uncond pairs as in upstream's configs (magcache.mag_ratios); unset = the
+    # model's own (the catalogue ships upstream's for the 50-step checkpoints).
     step_cache_mag_ratios: str = ""
 
     log_level: str = "INFO"

@@ -37,13 +37,20 @@ def test_tiny_table_has_every_row_and_column(tiny_run):
     assert [(r["case"].split()[-1], r["config"]) for r in rows] == [
         ("dense", "baseline"),
         ("dense", "ours"),
+        ("dense", "ours+diffusers_sampling"),
         ("nabla", "baseline"),
         ("nabla", "ours"),
+        ("nabla", "ours+diffusers_sampling"),
     ]
     assert not [r["error"] for r in rows if r.get("error")]
     header = stdout.splitlines()[2]
     assert all(title in header for title, _, _ in report.COLUMNS)
-    assert stdout.count("| tiny-sft ") == 4
+    assert stdout.count("| tiny-sft ") == 6
+    # Upstream's sampling and diffusers' side by side, on the same weights and seed: the frames differ.
+    by_config = {r["config"]: r for r in rows if r["case"].endswith("dense")}
+    assert by_config["ours"]["sampling"] == "upstream/float32/upstream"
+    assert by_config["ours+diffusers_sampling"]["sampling"] == "diffusers/model/diffusers"
+    assert 0 < by_config["ours+diffusers_sampling"]["psnr_vs_ours_db"] < math.inf
 
     required = ["text_encode_s", "step_s", "denoise_s", "decode_s", "mp4_s", "video_s", "tflops", "ceiling_pct"]
     for row in rows:
@@ -95,7 +102,7 @@ def test_saved_runs_print_as_one_table(tiny_run, tmp_path):
     saved = tmp_path / "run.json"
     saved.write_text(json.dumps(data))
     merged = report.merge([saved, saved])  # what `--table a.json b.json` prints
-    assert merged.count("| tiny-sft ") == 8 and merged.count("matmul ceiling") == 2
+    assert merged.count("| tiny-sft ") == 12 and merged.count("matmul ceiling") == 2
 
 
 def test_merged_table_compares_dense_and_nabla_runs_of_one_shape(tmp_path):

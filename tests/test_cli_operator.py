@@ -52,7 +52,7 @@ def test_resolve_an_unknown_name_or_directory_is_one_line(tmp_path):
     assert line.startswith("error: unknown model 'no-such-model': use a catalogue id (")
     assert "kandinsky-5.0-t2v-lite-sft-5s" in line
     line = one_error_line(k5("resolve", str(tmp_path)))
-    assert line.startswith(f"error: {tmp_path} has no k5serve.json")
+    assert line.startswith(f"error: {tmp_path} has no model_index.json or k5serve.json")
 
 
 def test_deliveries_of_an_unknown_id_or_in_the_wrong_redis_say_so(stack, redis_server):

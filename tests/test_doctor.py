@@ -57,7 +57,8 @@ def test_missing_files_are_a_blocker_with_the_fix_named(monkeypatch, tiny_models
 def test_a_dense_checkpoint_under_a_nabla_entry_fails(monkeypatch, tiny_models, tmp_path):
     ckpt = tmp_path / "t2v"
     shutil.copytree(tiny_models["t2v"], ckpt)
-    spec = json.loads((ckpt / "k5serve.json").read_text()) | {"attention": "nabla"}
+    # NABLA sizes are multiples of 128 (the spec's own rule), so the entry stays valid and only the config differs.
+    spec = json.loads((ckpt / "k5serve.json").read_text()) | {"attention": "nabla", "sizes": ["128x128"]}
     (ckpt / "k5serve.json").write_text(json.dumps(spec))
     code, rows = doctor(monkeypatch, str(ckpt))
     assert code == 1 and rows["worker settings"][0] == "FAIL"

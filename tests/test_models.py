@@ -31,7 +31,11 @@ def test_every_size_is_a_multiple_of_16():
             assert w % 16 == 0 and h % 16 == 0
 
 
-def test_resolve_by_id_repo_and_directory(tmp_path):
+def test_resolve_by_id_repo_and_directory(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    # An unknown repo id is looked up on the hub (tests/test_checkpoints.py); here the hub is out of reach at once.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     assert (
         resolve_model("kandinsky-5.0-t2v-lite-sft-5s").source == "kandinskylab/Kandinsky-5.0-T2V-Lite-sft-5s-Diffusers"
     )
@@ -51,3 +55,22 @@ def test_resolve_by_id_repo_and_directory(tmp_path):
     (tmp_path / "anon").mkdir()
     with pytest.raises(UnknownModelError):
         resolve_model(str(tmp_path / "anon"))
+
+
+def test_catalogue_ships_upstreams_magcache_ratios():
+    # Upstream publishes ratios for its 50-step SD configs; none for distilled or pretrain (configs/*.yaml).
+    with_ratios = {m for m, spec in CATALOGUE.items() if spec.mag_ratios}
+    assert with_ratios == {
+        "kandinsky-5.0-t2v-lite-sft-5s",
+        "kandinsky-5.0-t2v-lite-sft-10s",
+        "kandinsky-5.0-t2v-lite-nocfg-5s",
+        "kandinsky-5.0-t2v-lite-nocfg-10s",
+        "kandinsky-5.0-t2v-pro-sft-5s",
+        "kandinsky-5.0-i2v-pro-sft-5s",
+    }
+    for model in with_ratios:
+        spec = CATALOGUE[model]
+        assert len(spec.mag_ratios) == 98 and spec.mag_threshold == 0.12 and spec.steps == 50
+    # nocfg checkpoints have no uncond branch: its ratios are published as 0.
+    assert set(CATALOGUE["kandinsky-5.0-t2v-lite-nocfg-5s"].mag_ratios[1::2]) == {0.0}
+    assert CATALOGUE["kandinsky-5.0-t2v-lite-sft-5s"].mag_ratios[:2] == [0.91607, 0.91507]

@@ -99,7 +99,7 @@ def run(settings: Settings) -> None:
     if not settings.model:
         raise SystemExit("K5_MODEL is not set: name a catalogue id, a hub repo id or a local checkpoint directory")
     try:
-        spec = resolve_model(settings.model)
+        spec = resolve_model(settings.model, cache_dir=settings.hf_cache_dir)
     except UnknownModelError as e:  # a typo in K5_MODEL: one line, not a traceback
         hint = " (the tiny models are directories: build them with `k5serve tiny-model DIR`)" * (settings.model in TINY)
         raise SystemExit(f"K5_MODEL: {e}{hint}") from None

@@ -23,8 +23,7 @@ from PIL import Image
 from service import metrics
 from service.models import TINY, ModelSpec, parse_size
 from service.settings import Settings
-from worker import attention, loader, speed
-from worker.enhance import expand_prompt
+from worker import attention, enhance, loader, sampling, speed
 from worker.stepcache import StepCacher, parse_mag_ratios
 from worker.textcache import DEFAULT_NEGATIVE_PROMPT, LRU, Placement, PromptEmbeds, TextEncoders
 
@@ -98,13 +97,18 @@ class VideoPipeline:
         self.encoders = TextEncoders(
             pipe, device, self.placement, settings.text_cache_size, settings.max_sequence_length
         )
-        self.expansions: LRU[tuple[str, int], str] = LRU(settings.text_cache_size)
+        self.expansions: LRU[tuple[str, int, str], str] = LRU(settings.text_cache_size)
         self._setup_attention_and_compile()
         if settings.enhance_prompt == "auto":
             # A random-weight model's expansion is noise: only real checkpoints get upstream's default.
             self.enhance_default = spec.id not in TINY
         else:
             self.enhance_default = settings.enhance_prompt == "on"
+        # Checked once at load (worker/enhance.py): a missing LM head, or image-to-video without the processor.
+        self.enhance_unavailable = enhance.unavailable_reason(pipe, spec.task)
+        if self.enhance_unavailable is not None:
+            log.warning("prompt expansion disabled", extra={"model": spec.id, "reason": self.enhance_unavailable})
+            self.enhance_default = False
         # Nearly every job uses the default negative prompt: encode it once, now.
         self.encoders.pin(DEFAULT_NEGATIVE_PROMPT)
 
@@ -122,9 +126,13 @@ class VideoPipeline:
         self.step_cache = StepCacher(
             transformer,
             settings.step_cache,
-            settings.step_cache_threshold,
+            settings.step_cache_threshold or self.spec.mag_threshold,
             settings.step_cache_interval,
-            parse_mag_ratios(settings.step_cache_mag_ratios),
+            parse_mag_ratios(settings.step_cache_mag_ratios) or self.spec.mag_ratios,
+        )
+        # Before compiling: the grid, the fp32 timestep hook and the prompt template (worker/sampling.py).
+        self.sampling = sampling.Sampling(
+            self.pipe, settings.sampling_grid, settings.timestep_precision, settings.prompt_template
         )
         self.compiled = speed.compile_transformer(
             transformer, settings, self.compile_scope, self.step_cache.hooked_modules()
@@ -167,6 +175,7 @@ class VideoPipeline:
                 "compile": loaded.compiled,
                 "text_encoders": loaded.placement,
                 "step_cache": settings.step_cache,
+                **loaded.sampling.describe(),
                 "seconds": round(time.perf_counter() - t0, 2),
             },
         )
@@ -202,7 +211,7 @@ class VideoPipeline:
         cfg = req.guidance_scale > 1.0
         t0 = time.perf_counter()
         with self.encoders.session():
-            enhanced = self._expand(req.prompt) if self._wants_enhance(req) else None
+            enhanced = self._expand(req.prompt, req.image) if self._wants_enhance(req) else None
             t_enhanced = time.perf_counter()
             positive, hit = self.encoders.encode(enhanced or req.prompt)
             negative = self._negative(req.negative_prompt) if cfg else None
@@ -278,15 +287,26 @@ class VideoPipeline:
             )
 
     def _wants_enhance(self, req: GenerationRequest) -> bool:
+        if self.enhance_unavailable is not None:
+            return False  # said once at load; a request asking for it gets its prompt as written
         return self.enhance_default if req.enhance_prompt is None else req.enhance_prompt
 
-    def _expand(self, prompt: str) -> str:
-        key = (prompt, self.settings.enhance_max_new_tokens)
+    def _expand(self, prompt: str, image: Image.Image | None = None, max_new_tokens: int | None = None) -> str:
+        # Image-to-video expansion looks at the image (upstream's way); text-to-video requests carry none.
+        image = image if self.spec.task == "image-to-video" else None
+        max_new_tokens = max_new_tokens or self.settings.enhance_max_new_tokens
+        key = (prompt, max_new_tokens, enhance.image_key(image))
         cached = self.expansions.get(key)
         if cached is None:
             with self.encoders.resident() as device:
-                cached = expand_prompt(
-                    self.pipe.text_encoder, self.pipe.tokenizer, prompt, device, self.settings.enhance_max_new_tokens
+                cached = enhance.expand_prompt(
+                    self.pipe.text_encoder,
+                    self.pipe.tokenizer,
+                    prompt,
+                    device,
+                    max_new_tokens,
+                    image=image,
+                    cache=enhance.cache_for(self.settings.enhance_cache, device),
                 )
             self.expansions.put(key, cached)
         return cached
@@ -341,8 +361,8 @@ class VideoPipeline:
 
     def _warm_all(self) -> None:
         if self.enhance_default:
-            with self.encoders.resident() as device:
-                expand_prompt(self.pipe.text_encoder, self.pipe.tokenizer, "warm-up", device, max_new_tokens=4)
+            image = Image.new("RGB", (64, 64), (128, 96, 64)) if self.spec.task == "image-to-video" else None
+            self._expand("warm-up", image, max_new_tokens=4)
         all_buckets = buckets(self.spec)
         for index, (width, height, frames) in enumerate(all_buckets):
             steps = self.step_cache.warm_steps(self.spec.steps) if index == 0 else 1

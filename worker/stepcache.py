@@ -2,7 +2,9 @@
 
 Of the caches diffusers 0.42.1 ships, checked on Kandinsky5Transformer3DModel:
 - MagCache works (its block registry knows Kandinsky5TransformerDecoderBlock), but needs per-checkpoint magnitude
-  ratios; upstream publishes them in its configs (magcache.mag_ratios) and runs MagCache by default (thresh 0.12).
+  ratios; upstream publishes them in its configs (magcache.mag_ratios; the catalogue ships them, service/magcache.py)
+  with threshold 0.12, K 2 and retention 0.2. They are fed as upstream's set_magcache_params does: a leading 1.0 for
+  step 0, then one series per branch (cond, uncond), resampled to the step count with its nearest_interp.
 - TaylorSeer works once pointed at Kandinsky's module names (its defaults match none, so it silently does nothing).
 - FirstBlockCache fails: its hook asks the block for an argument named `hidden_states`, Kandinsky's is
   `visual_embed` ("Parameter 'hidden_states' not found in function signature").
@@ -13,9 +15,13 @@ an uncond call every step; the hooks need those two kept apart, which StepCacher
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Literal
 
+import numpy as np
 import torch
+
+from service.magcache import MAX_SKIP_STEPS, RETENTION_RATIO
 
 StepCache = Literal["off", "taylorseer", "magcache"]
 
@@ -24,9 +30,43 @@ _TAYLORSEER_MODULES = [r"visual_transformer_blocks\.\d+\.(self_attention|cross_a
 
 
 def parse_mag_ratios(text: str) -> list[float]:
-    """Upstream's list interleaves cond and uncond ratios, which are nearly equal; diffusers takes one series."""
-    values = [float(v) for v in text.replace("[", "").replace("]", "").split(",") if v.strip()]
-    return values[0::2]
+    """A ratios list as upstream's configs write it (magcache.mag_ratios): cond/uncond pairs for steps 1..N-1."""
+    return [float(v) for v in text.replace("[", "").replace("]", "").split(",") if v.strip()]
+
+
+def nearest_interp(values: list[float], length: int) -> list[float]:
+    """Upstream's resampling of a ratio series to another step count (kandinsky/magcache_utils.py nearest_interp)."""
+    if length == 1:
+        return values[-1:]
+    scale = (len(values) - 1) / (length - 1)
+    return [values[int(np.round(i * scale))] for i in range(length)]
+
+
+def mag_series(published: list[float], steps: int) -> tuple[list[float], list[float]]:
+    """The (cond, uncond) ratio of every step of a `steps`-step run, as upstream's set_magcache_params builds them:
+    [1.0, 1.0] for step 0 (nothing to compare it with), then the published pairs; resampled when the run's step
+    count is not the one they were measured at."""
+    if len(published) % 2:
+        raise ValueError("MagCache ratios come in cond/uncond pairs (upstream configs: magcache.mag_ratios)")
+    full = [1.0, 1.0, *published]
+    cond, uncond = full[0::2], full[1::2]
+    if len(full) != 2 * steps:
+        cond, uncond = nearest_interp(cond, steps), nearest_interp(uncond, steps)
+    return cond, uncond
+
+
+class _BranchRatios:
+    """What diffusers' MagCache hook reads as `config.mag_ratios[step]`, answered from the series of the branch being
+    computed: its one config serves the cond and the uncond cache states, upstream keeps a series for each."""
+
+    def __init__(self, cond: list[float], uncond: list[float], branch: Callable[[], str]) -> None:
+        self.cond, self.uncond, self.branch = cond, uncond, branch
+
+    def __len__(self) -> int:
+        return len(self.cond)
+
+    def __getitem__(self, step: int) -> float:
+        return (self.uncond if self.branch() == "uncond" else self.cond)[step]
 
 
 class StepCacher:
@@ -34,7 +74,10 @@ class StepCacher:
 
     def __init__(self, transformer, kind: StepCache, threshold: float, interval: int, mag_ratios: list[float]):
         if kind == "magcache" and not mag_ratios:
-            raise ValueError("step_cache=magcache needs step_cache_mag_ratios (upstream configs: magcache.mag_ratios)")
+            raise ValueError(
+                "step_cache=magcache needs MagCache ratios: the catalogue has upstream's for the 50-step checkpoints; "
+                "for others set step_cache_mag_ratios (upstream configs: magcache.mag_ratios)"
+            )
         self.transformer = transformer
         self.kind = kind
         self.threshold = threshold
@@ -43,6 +86,7 @@ class StepCacher:
         self._steps: int | None = None
         self._calls = 0
         self._cfg = False
+        self._branch = "cond"
         self._hook = transformer.register_forward_pre_hook(self._name_branch) if kind != "off" else None
 
     def hooked_modules(self) -> list[torch.nn.Module]:
@@ -75,14 +119,17 @@ class StepCacher:
         from diffusers.hooks import MagCacheConfig, TaylorSeerCacheConfig
 
         if self.kind == "magcache":
-            # K=2 consecutive skips and 20% retention, as upstream's magcache_utils.
-            return MagCacheConfig(
+            cond, uncond = mag_series(self.mag_ratios, steps)
+            config = MagCacheConfig(
                 threshold=self.threshold,
-                max_skip_steps=2,
-                retention_ratio=0.2,
+                max_skip_steps=MAX_SKIP_STEPS,
+                retention_ratio=RETENTION_RATIO,
                 num_inference_steps=steps,
-                mag_ratios=self.mag_ratios,
+                mag_ratios=cond,
             )
+            # Set after construction: the config would turn any sequence into one tensor.
+            config.mag_ratios = _BranchRatios(cond, uncond, lambda: self._branch)
+            return config
         return TaylorSeerCacheConfig(cache_interval=self.interval, cache_identifiers=_TAYLORSEER_MODULES)
 
     def prepare(self, steps: int, cfg: bool) -> None:
@@ -113,4 +160,5 @@ class StepCacher:
         # The pipeline runs cond then uncond each step when guidance is on.
         name = "uncond" if self._cfg and self._calls % 2 else "cond"
         self._calls += 1
+        self._branch = name
         _set_cache_context(module, CacheContext(name))

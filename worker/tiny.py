@@ -35,6 +35,7 @@ from transformers import (
 )
 
 from service.models import SPEC_FILE, TINY
+from worker.sampling import UPSTREAM_VIDEO_CROP, UPSTREAM_VIDEO_TEMPLATE
 
 __all__ = ["Task", "build_tiny_pipeline", "save_published_layout", "save_tiny_checkpoint", "save_tiny_models"]
 
@@ -116,13 +117,16 @@ def _split_at(texts: list[str], specials: list[str]) -> list[str]:
     return [part for text in texts for part in re.split(pattern, text) if part]
 
 
-def _qwen_tokenizer(templates: list[tuple[str, int]]) -> Qwen2Tokenizer:
+def _qwen_tokenizer(templates: list[tuple[str, int]], unseen: list[tuple[str, int]] | None = None) -> Qwen2Tokenizer:
     """A Qwen2Tokenizer whose system prefix is exactly `prompt_template_encode_start_idx` tokens.
 
     The pipeline keeps Qwen hidden states from that index on, so the prefix length decides whether
     the prompt is cut or system tokens leak into the embeddings. More merges never lengthen the
     prefix, so bisect on the vocabulary size for the smallest one that makes the prefix short enough.
+    `unseen` templates must get their prefix lengths too but stay out of the training corpus, as a variant
+    spelling is rare in a real tokenizer's (upstream's "promt" costs one token more than "prompt").
     """
+    unseen = unseen or []
     texts = [template.format(prompt) for template, _ in templates for prompt in _EXTRA_CORPUS]
     corpus = _split_at(texts + _EXTRA_CORPUS, QWEN_SPECIALS)
 
@@ -132,7 +136,7 @@ def _qwen_tokenizer(templates: list[tuple[str, int]]) -> Qwen2Tokenizer:
         return Qwen2Tokenizer(vocab=vocab, merges=merges, extra_special_tokens=QWEN_SPECIALS[1:])
 
     def prefix_lengths(tok: Qwen2Tokenizer) -> list[tuple[int, int]]:
-        return [(len(tok(t.split("{}")[0])["input_ids"]), start) for t, start in templates]
+        return [(len(tok(t.split("{}")[0])["input_ids"]), start) for t, start in templates + unseen]
 
     low, high = len(QWEN_SPECIALS) + 256, 2048  # byte alphabet + specials .. plenty of merges
     while low < high:
@@ -241,8 +245,10 @@ def _vae() -> AutoencoderKLHunyuanVideo:
 def build_tiny_pipeline(task: Task, seed: int = 0) -> Kandinsky5VideoPipeline:
     """Build a tiny random-weight T2V or I2V pipeline in memory (CPU, float32)."""
     pipeline_cls = _PIPELINES[task]
-    # Both templates go into the corpus so that one trained vocabulary serves either task.
-    qwen_tok = _qwen_tokenizer([_prompt_template(cls) for cls in _PIPELINES.values()])
+    # Both pipelines' templates go into the corpus so that one trained vocabulary serves either task; upstream's
+    # training template (worker/sampling.py, prompt_template="upstream") must get its own prefix length too.
+    templates = [_prompt_template(cls) for cls in _PIPELINES.values()]
+    qwen_tok = _qwen_tokenizer(templates, unseen=[(UPSTREAM_VIDEO_TEMPLATE, UPSTREAM_VIDEO_CROP)])
     clip_tok = _clip_tokenizer()
     # Weight init draws from torch's global RNG: seed it, but leave the caller's RNG state alone.
     with torch.random.fork_rng(devices=[]):
