@@ -15,6 +15,7 @@ from starlette.concurrency import run_in_threadpool
 from service.auth import too_many
 from service.images import decode_data_url, prepare_image
 from service.jobs import INPUT_IMAGE, VARIANTS, JobRecord, JobStore, RequestRejected, asset_key, plan_job
+from service.lifecycle import Lifecycle
 from service.schemas import TERMINAL, VideoCreate
 from service.settings import Settings
 from service.storage import Storage
@@ -76,7 +77,7 @@ def submit(
             )
             rec.input_key = asset_key(rec.id, INPUT_IMAGE)
             storage.put_bytes(rec.input_key, png, "image/png")
-        if not store.create(rec, max_inflight=settings.max_inflight_per_key):
+        if not Lifecycle(store).create(rec, max_inflight=settings.max_inflight_per_key):
             if rec.input_key:
                 storage.delete_prefix(rec.id)
             raise too_many_inflight(settings)
@@ -139,15 +140,16 @@ def cancel(store: JobStore, video_id: str, owner: str) -> JobRecord:
             code="video_completed",
             status=409,
         )
-    return store.cancel(video_id) or store.get(video_id) or rec
+    return Lifecycle(store).cancel(video_id) or store.get(video_id) or rec
 
 
 def delete(store: JobStore, storage: Storage, video_id: str, owner: str) -> None:
     """DELETE /v1/videos/{id}: cancel it if it is still running, then remove its record and its assets."""
     rec = get_owned(store, video_id, owner)
-    store.cancel(video_id)
+    life = Lifecycle(store)
+    life.cancel(video_id)
     storage.delete_prefix(rec.id)
-    store.remove(rec)
+    life.remove(rec)
 
 
 async def events(
@@ -214,7 +216,7 @@ def locate_content(rec: JobRecord, variant: str, storage: Storage) -> Content:
             status=410,
         )
     name, media_type = VARIANTS[variant]
-    key = asset_key(rec.id, name)
+    key = asset_key(rec.asset_prefix, name)
     filename = f"{rec.id}.{name.rsplit('.', 1)[1]}"
     url = storage.presigned_url(key, filename)
     if url is not None:

@@ -97,6 +97,13 @@ def s3_settings(s3_server, tmp_path) -> Settings:
     return settings
 
 
+def stored(storage: S3Storage, video_id: str) -> list[str]:
+    """Every object stored for a video (its input, every run's files), as keys under the video's prefix."""
+    full = storage._key(video_id) + "/"
+    pages = storage.client.get_paginator("list_objects_v2").paginate(Bucket=storage.bucket, Prefix=full)
+    return sorted(o["Key"][len(full) :] for page in pages for o in page.get("Contents", []))
+
+
 @dataclass
 class Proc:
     name: str
@@ -119,6 +126,11 @@ class Stack:
     procs: list[Proc] = field(default_factory=list)
     api_key: str = API_KEY
     other_api_key: str = OTHER_API_KEY
+
+    @property
+    def storage(self) -> S3Storage:
+        settings = Settings(s3_endpoint_url=self.env["K5_S3_ENDPOINT_URL"], storage_url=self.env["K5_STORAGE_URL"])
+        return S3Storage(BUCKET, "videos", settings)
 
     @property
     def owner(self) -> str:
