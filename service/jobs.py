@@ -6,7 +6,6 @@ only its model's jobs.
 
 from __future__ import annotations
 
-import json
 import logging
 import secrets
 import time
@@ -18,6 +17,7 @@ from rq.job import Job
 
 from service import keys
 from service.models import CATALOGUE, ModelSpec, find_spec, parse_size
+from service.problems import InvalidParameter
 from service.record import JobRecord
 from service.schemas import MAX_SEED, TERMINAL, Video, VideoCreate
 from service.settings import Settings
@@ -25,17 +25,6 @@ from service.settings import Settings
 log = logging.getLogger(__name__)
 
 JOB_FUNC = "worker.runner.run_job"
-# How long an Idempotency-Key keeps pointing at its video.
-IDEMPOTENCY_TTL_S = 24 * 3600
-
-
-class RequestRejected(ValueError):
-    """A request that cannot become a job; the gateway turns it into a 4xx envelope."""
-
-    def __init__(self, message: str, *, param: str | None = None, code: str = "invalid_value", status: int = 400):
-        super().__init__(message)
-        self.message, self.param, self.code, self.status = message, param, code, status
-        self.headers: dict[str, str] | None = None
 
 
 def connect_redis(settings: Settings) -> redis.Redis:
@@ -82,32 +71,32 @@ def asset_key(prefix: str, name: str) -> str:
 
 
 def plan_job(req: VideoCreate, spec: ModelSpec, has_image: bool) -> JobRecord:
-    """Check a request against its model and fill in the model's defaults. Raises RequestRejected."""
+    """Check a request against its model and fill in the model's defaults. Raises InvalidParameter."""
     size = req.size or spec.default_size
     if size not in spec.sizes:
-        raise RequestRejected(
+        raise InvalidParameter(
             f"Invalid size '{size}' for model {spec.id}; supported sizes: {', '.join(spec.sizes)}.",
             param="size",
         )
     seconds = req.seconds or spec.default_seconds
     if seconds not in spec.seconds:
-        raise RequestRejected(
+        raise InvalidParameter(
             f"Invalid seconds '{seconds}' for model {spec.id}; supported: {', '.join(spec.seconds)}.",
             param="seconds",
         )
     if spec.task == "image-to-video" and not has_image:
-        raise RequestRejected(
+        raise InvalidParameter(
             f"Model {spec.id} is image-to-video and needs input_reference.",
             param="input_reference",
             code="missing",
         )
     if spec.task == "text-to-video" and has_image:
-        raise RequestRejected(
+        raise InvalidParameter(
             f"Model {spec.id} is text-to-video and takes no input_reference.", param="input_reference"
         )
     steps = req.num_inference_steps or spec.steps
     if steps > spec.max_steps:
-        raise RequestRejected(
+        raise InvalidParameter(
             f"num_inference_steps must be at most {spec.max_steps} for model {spec.id}.",
             param="num_inference_steps",
         )
@@ -210,47 +199,6 @@ class JobStore:
             records += [JobRecord.model_validate_json(raw) for raw in raws if raw is not None]
             cursor = ids[-1]
         return records[:limit], len(records) > limit
-
-    # -- idempotency ---------------------------------------------------------------------------------------------
-
-    def claim_idempotency(self, owner: str, key: str, fingerprint: str, video_id: str) -> str | None:
-        """Bind an Idempotency-Key to a new video. Returns None when this call owns the key, else the video id
-        the key already names (same request); raises RequestRejected (409) when the key was used for another."""
-        k = keys.idempotency(owner, key)
-        value = json.dumps({"fingerprint": fingerprint, "video_id": video_id})
-        for _ in range(3):
-            if self.r.set(k, value, nx=True, ex=IDEMPOTENCY_TTL_S):
-                return None
-            raw = self.r.get(k)
-            if raw is None:  # expired between the two calls
-                continue
-            bound = json.loads(raw)
-            if bound["fingerprint"] != fingerprint:
-                raise RequestRejected(
-                    "This Idempotency-Key was already used with a different request.",
-                    param="Idempotency-Key",
-                    code="idempotency_key_reused",
-                    status=409,
-                )
-            return bound["video_id"]
-        raise RequestRejected("Could not claim the Idempotency-Key; retry.", code="conflict", status=409)
-
-    def release_idempotency(self, owner: str, key: str) -> None:
-        self.r.delete(keys.idempotency(owner, key))
-
-    def wait_for(self, video_id: str, timeout_s: float = 10.0) -> JobRecord:
-        """The record of a video another request is creating right now."""
-        deadline = time.monotonic() + timeout_s
-        while (rec := self.get(video_id)) is None:
-            if time.monotonic() > deadline:
-                raise RequestRejected(
-                    "The original request with this Idempotency-Key is still being processed; retry.",
-                    param="Idempotency-Key",
-                    code="idempotency_in_progress",
-                    status=409,
-                )
-            time.sleep(0.05)
-        return rec
 
     # -- live fields: queue position and estimated completion ------------------------------------------------
 

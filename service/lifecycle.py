@@ -10,7 +10,8 @@ job completes, and sends its terminal webhook, at most once. Each run writes its
 (Run.assets), and deletes only that.
 
 The transitions and who takes them:
-  create     (none) -> queued          the gateway, with the record, the owner's index and the RQ job
+  create     (none) -> queued          the gateway, with the record, the owner's index, the RQ job and the
+                                       Idempotency-Key (service/idempotency.py)
   start      queued -> in_progress     a worker, for the video's current RQ job only: returns a Run
   progress   in_progress -> in_progress  the run, at each step; says whether to go on
   complete   in_progress -> completed  the run, once every file is stored
@@ -34,6 +35,7 @@ from typing import Any, NamedTuple
 import redis
 
 from service import keys, webhooks
+from service.idempotency import IDEMPOTENCY_TTL_S, IdempotencyKey, replay
 from service.jobs import JobStore, current_rq_id, new_rq_id
 from service.record import JobRecord
 from service.schemas import TERMINAL, VideoError
@@ -187,31 +189,38 @@ class Lifecycle:
 
     # -- the gateway's transitions ------------------------------------------------------------------------
 
-    def create(self, rec: JobRecord, max_inflight: int | None = None) -> bool:
-        """Store the record and enqueue its job in one transaction: both happen or neither.
+    def create(
+        self, rec: JobRecord, max_inflight: int | None = None, idem: IdempotencyKey | None = None
+    ) -> JobRecord | None:
+        """Store the record and enqueue its job in one transaction: both happen or neither. Returns the record.
 
+        With `idem`, the key is bound to the video in the same transaction; when it already names a video that
+        exists, nothing is created and that video's record is returned (a replay; Conflict for another request).
         With `max_inflight`, only while the owner has fewer videos queued or in progress, checked in the same
-        transaction, so that concurrent requests cannot overshoot it together. Returns False if it had as many.
+        transaction, so that concurrent requests cannot overshoot it together: None when it had as many.
         """
         inflight = keys.inflight(rec.owner)
         with self.r.pipeline() as pipe:
             while True:
                 try:
-                    if max_inflight is not None:
-                        pipe.watch(inflight)
-                        if pipe.scard(inflight) >= max_inflight:
-                            return False
+                    pipe.watch(inflight, *([idem.redis_key] if idem else []))
+                    if idem is not None and (earlier := replay(pipe, idem)) is not None:
+                        return earlier
+                    if max_inflight is not None and pipe.scard(inflight) >= max_inflight:
+                        return None
                     pipe.multi()
                     pipe.set(keys.video(rec.id), rec.model_dump_json())
                     pipe.zadd(keys.videos(rec.owner), {rec.id: 0})
                     pipe.sadd(inflight, rec.id)
+                    if idem is not None:
+                        pipe.set(idem.redis_key, idem.binding(rec.id), ex=IDEMPOTENCY_TTL_S)
                     self.store.enqueue(pipe, rec.model, rec.id, rec.id, description=f"video {rec.id}")
                     pipe.execute()
                     break
                 except redis.WatchError:
                     continue  # another of the owner's videos was created or finished meanwhile: check again
         log.info("queued", extra={"video_id": rec.id, "model": rec.model})
-        return True
+        return rec
 
     def cancel(self, video_id: str) -> JobRecord | None:
         """Stop a job: off the queue if queued; a running one learns at its next step and stops.
