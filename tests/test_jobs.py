@@ -116,3 +116,57 @@ def test_declared_models_are_accepted_without_workers(r):
     spec = store.served_spec("kandinsky-5.0-t2v-lite-distilled16steps-5s")
     assert spec is not None and spec.steps == 16
     assert store.default_model() == "kandinsky-5.0-t2v-lite-distilled16steps-5s"
+
+
+# A record exactly as the previous release (version 1: the stored record was the public Video plus worker fields)
+# wrote it, during a rolling deploy: this release must read it, show it, and run it.
+V1_RECORD = {
+    "id": "video_18ed0000000000000123456789abcdef",
+    "object": "video",
+    "model": "k5-tiny-t2v",
+    "status": "queued",
+    "progress": 0,
+    "created_at": 1764547200,
+    "completed_at": None,
+    "expires_at": None,
+    "prompt": "a cat",
+    "size": "96x64",
+    "seconds": "1",
+    "remixed_from_video_id": None,
+    "error": None,
+    "negative_prompt": None,
+    "seed": 7,
+    "num_inference_steps": 2,
+    "guidance_scale": 1.0,
+    "metadata": {"order": "42"},
+    "enhanced_prompt": None,
+    "queue_position": None,
+    "estimated_completion_at": None,
+    "width": 96,
+    "height": 64,
+    "num_frames": 25,
+    "fps": 24,
+    "task": "text-to-video",
+    "input_key": None,
+    "worker": None,
+    "owner": "anonymous",
+    "webhook_url": None,
+    "enhance_prompt": None,
+    "started_at": None,
+}
+
+
+def test_a_record_of_the_previous_release_reads_and_runs(store):
+    import json
+
+    store.r.set(f"k5:video:{V1_RECORD['id']}", json.dumps(V1_RECORD))
+    rec = store.get(V1_RECORD["id"])
+    assert rec is not None and rec.version == 2 and rec.assets is None and rec.asset_prefix == rec.id
+    video = store.view(rec)
+    assert video.id == rec.id and video.metadata == {"order": "42"} and video.status == "queued"
+    # A field of a newer release is ignored, not an error.
+    store.r.set(f"k5:video:{V1_RECORD['id']}", json.dumps({**V1_RECORD, "version": 3, "shiny": True}))
+    assert store.get(V1_RECORD["id"]).prompt == "a cat"
+    run = Lifecycle(store).start(rec.id, "w", rec.id)
+    assert run is not None and run.complete(expires_at=2) is Outcome.DONE
+    assert store.get(rec.id).public().status == "completed"
