@@ -46,7 +46,7 @@ def prepare_image(
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            img: Image.Image = Image.open(io.BytesIO(data))
             # Check the declared size before decoding pixels: a small file can declare a huge image.
             if img.width * img.height > max_pixels:
                 raise InvalidParameter(

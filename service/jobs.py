@@ -6,6 +6,7 @@ only its model's jobs.
 
 from __future__ import annotations
 
+import builtins
 import logging
 import secrets
 import time
@@ -191,13 +192,13 @@ class JobStore:
                 ids = self.r.zrangebylex(index, f"({cursor}" if cursor else "-", "+", start=0, num=want)
             if not ids:
                 break
-            ids = [i.decode() for i in ids]
-            raws = self.r.mget([keys.video(i) for i in ids])
-            gone = [i for i, raw in zip(ids, raws, strict=True) if raw is None]
+            page = [keys.text(i) for i in ids]
+            raws = self.r.mget([keys.video(i) for i in page])
+            gone = [i for i, raw in zip(page, raws, strict=True) if raw is None]
             if gone:  # records expire on their own; drop their ids from the index as we meet them
                 self.r.zrem(index, *gone)
             records += [JobRecord.model_validate_json(raw) for raw in raws if raw is not None]
-            cursor = ids[-1]
+            cursor = page[-1]
         return records[:limit], len(records) > limit
 
     # -- live fields: queue position and estimated completion ------------------------------------------------
@@ -233,11 +234,11 @@ class JobStore:
         key = keys.timing(rec.model)
         old = self.timing(rec.model)
         new = {k: v if old is None else 0.7 * old[k] + 0.3 * v for k, v in sample.items()}
-        self.r.hset(key, mapping=new)
+        self.r.hset(key, mapping={"step": new["step"], "overhead": new["overhead"]})
 
     def timing(self, model: str) -> dict[str, float] | None:
         raw = self.r.hgetall(keys.timing(model))
-        return {k.decode(): float(v) for k, v in raw.items()} if raw else None
+        return {keys.text(k): float(v) for k, v in raw.items()} if raw else None
 
     @staticmethod
     def estimate_s(rec: JobRecord, timing: dict[str, float] | None) -> float | None:
@@ -266,9 +267,9 @@ class JobStore:
 
     # -- models and workers --------------------------------------------------------------------------------
 
-    def queue_models(self) -> list[str]:
+    def queue_models(self) -> builtins.list[str]:
         """Every model that can have a queue here: announced by a worker, declared served, or queued for on RQ."""
-        announced = {m.decode() for m in self.r.smembers(keys.MODELS)}
+        announced = {keys.text(m) for m in self.r.smembers(keys.MODELS)}
         queued = {q.name for q in Queue.all(connection=self.r)}
         return sorted(announced | queued | set(self.settings.served_model_ids))
 
@@ -308,15 +309,15 @@ class JobStore:
         """When a worker first served `model` on this deployment (0: never)."""
         return int(self.r.get(keys.since(model)) or 0)
 
-    def known_models(self) -> list[ModelSpec]:
+    def known_models(self) -> builtins.list[ModelSpec]:
         """The catalogue, the declared models and every model a worker has announced, announced specs first."""
-        announced = sorted(m.decode() for m in self.r.smembers(keys.MODELS))
+        announced = sorted(keys.text(m) for m in self.r.smembers(keys.MODELS))
         ids = dict.fromkeys([*announced, *self.settings.served_model_ids, *CATALOGUE])
         specs = [self.announced_spec(m) or find_spec(m) for m in ids]
         return [s for s in specs if s is not None]
 
-    def online_models(self) -> list[ModelSpec]:
-        ids = sorted(m.decode() for m in self.r.smembers(keys.MODELS))
+    def online_models(self) -> builtins.list[ModelSpec]:
+        ids = sorted(keys.text(m) for m in self.r.smembers(keys.MODELS))
         specs = [self.announced_spec(m) for m in ids if self.workers_online(m) > 0]
         return [s for s in specs if s is not None]
 
@@ -327,7 +328,7 @@ class JobStore:
             if spec.task == "text-to-video":
                 return spec.id
         for model in self.settings.served_model_ids:
-            spec = find_spec(model)
-            if spec and spec.task == "text-to-video":
+            declared = find_spec(model)
+            if declared and declared.task == "text-to-video":
                 return model
         return None

@@ -33,6 +33,13 @@ Webhooks (service/webhooks.py):
 from __future__ import annotations
 
 import hashlib
+from typing import Any
+
+
+def text(raw: Any) -> str:
+    """A Redis reply as text: k5serve's connections return bytes (RQ shares them and keeps pickles there)."""
+    return raw.decode() if isinstance(raw, bytes) else str(raw)
+
 
 RUNNING = "k5:running"
 EXPIRY = "k5:expiry"

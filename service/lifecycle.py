@@ -131,7 +131,7 @@ class Run:
 
     def drop_lease(self) -> None:
         """Let the lease lapse now (a worker about to exit): the janitor requeues the job on its next pass."""
-        if (self.life.r.hget(keys.attempt(self.video_id), "owner") or b"").decode() == self.token:
+        if keys.text(self.life.r.hget(keys.attempt(self.video_id), "owner") or b"") == self.token:
             self.life.r.delete(keys.lease(self.video_id))
 
     def release(self) -> None:

@@ -107,6 +107,7 @@ CATALOGUE: dict[str, ModelSpec] = {
     ]
 }
 
+_TINY_TASKS: list[tuple[str, Task]] = [("t2v", "text-to-video"), ("i2v", "image-to-video")]
 # The tiny random-weight checkpoints built by `k5serve tiny-model`: real diffusers classes, CPU seconds.
 # Their sizes mirror the published buckets at 1/8 scale; 25 frames is the shortest I2V-safe length (>= 17).
 TINY: dict[str, ModelSpec] = {
@@ -125,7 +126,7 @@ TINY: dict[str, ModelSpec] = {
             shift=10.0,
             description=f"Tiny random-weight Kandinsky 5 {task} model for tests and local development",
         )
-        for short, task in [("t2v", "text-to-video"), ("i2v", "image-to-video")]
+        for short, task in _TINY_TASKS
     ]
 }
 
@@ -165,10 +166,10 @@ def resolve_model(model: str) -> ModelSpec:
             f"{path} has no {SPEC_FILE} and its name matches no catalogued checkpoint; "
             f"add a {SPEC_FILE} describing its sizes, durations, steps and guidance"
         )
-    spec = find_spec(model)
-    if spec is None or spec.id in TINY:
+    found = find_spec(model)
+    if found is None or found.id in TINY:
         raise UnknownModelError(
             f"unknown model {model!r}: use a catalogue id ({', '.join(sorted(CATALOGUE))}), "
             "a catalogued hub repo id, or a local diffusers directory"
         )
-    return spec
+    return found

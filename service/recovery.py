@@ -51,7 +51,7 @@ class Recovery:
         """Requeue (or give up) every running job whose lease lapsed."""
         counts: dict[str, int] = {}
         for raw in self.r.smembers(keys.RUNNING):
-            video_id = raw.decode()
+            video_id = keys.text(raw)
             if self.r.exists(keys.lease(video_id)):
                 continue
             _, what = self.life.requeue(video_id)
@@ -109,7 +109,7 @@ class Recovery:
         """Delete the stored assets of videos past their expires_at."""
         due = self.r.zrangebyscore(keys.EXPIRY, "-inf", now or time.time(), start=0, num=batch)
         for raw in due:
-            video_id = raw.decode()
+            video_id = keys.text(raw)
             storage.delete_prefix(video_id)
             self.r.zrem(keys.EXPIRY, video_id)
             log.info("assets expired", extra={"video_id": video_id})

@@ -96,7 +96,7 @@ class URLPolicy:
         except (socket.gaierror, UnicodeError) as e:
             raise UnsafeURL(f"the webhook host {host!r} does not resolve") from e
         for info in infos:
-            ip = ipaddress.ip_address(info[4][0].split("%")[0])
+            ip = ipaddress.ip_address(str(info[4][0]).split("%")[0])
             if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
                 ip = ip.ipv4_mapped
             if any(ip in net for net in self.networks):

@@ -231,3 +231,11 @@ def stack(redis_server, s3_server, tiny_models, tmp_path_factory) -> Iterator[St
     finally:
         for p in reversed(st.procs):
             stop_process(p.popen, timeout=20)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test on the session's process stack (gateway, workers, webhook sender) is `slow`, like the tests
+    that start worker processes of their own and mark themselves: `make test-fast` leaves them out."""
+    for item in items:
+        if "stack" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)

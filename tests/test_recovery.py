@@ -383,6 +383,7 @@ def worker_env(s3_server, s3_settings, tiny_models) -> dict[str, str]:
     }
 
 
+@pytest.mark.slow
 def test_sigterm_requeues_after_grace_or_finishes_within_it(redis_server, worker_env, t2v, tmp_path):
     spec, _ = t2v
     url = redis_server.url.replace("/0", "/2")  # a database of its own: no other worker takes these jobs
@@ -419,6 +420,7 @@ def test_sigterm_requeues_after_grace_or_finishes_within_it(redis_server, worker
         r.flushdb()
 
 
+@pytest.mark.slow
 def test_worker_survives_a_redis_restart(worker_env, t2v, tmp_path):
     spec, _ = t2v
     server = RedisServer(tmp_path / "redis", appendonly=True).start()
