@@ -9,13 +9,32 @@ Version 1 (the first release) had no `version` field and no `assets`; its assets
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
+from PIL import Image
 from pydantic import BaseModel, ConfigDict
 
 from service.schemas import Status, Video, VideoError
 
 RECORD_VERSION = 2
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One video as the pipeline makes it: what planning decided (JobRecord.generation), nothing re-derived."""
+
+    prompt: str
+    width: int
+    height: int
+    num_frames: int
+    num_inference_steps: int
+    guidance_scale: float
+    seed: int
+    negative_prompt: str | None = None
+    image: Image.Image | None = None
+    # Rewrite the prompt with Qwen2.5-VL first, as upstream does; None = the worker's default (settings).
+    enhance_prompt: bool | None = None
 
 
 class JobRecord(BaseModel):
@@ -83,6 +102,21 @@ class JobRecord(BaseModel):
             metadata=self.metadata,
             enhanced_prompt=self.enhanced_prompt,
             **live,
+        )
+
+    def generation(self, image: Image.Image | None = None) -> GenerationRequest:
+        """The request the pipeline runs for this record; `image` is the decoded input_key of image-to-video."""
+        return GenerationRequest(
+            prompt=self.prompt or "",
+            width=self.width,
+            height=self.height,
+            num_frames=self.num_frames,
+            num_inference_steps=self.num_inference_steps,
+            guidance_scale=self.guidance_scale,
+            seed=self.seed,
+            negative_prompt=self.negative_prompt,
+            image=image,
+            enhance_prompt=self.enhance_prompt,
         )
 
     @property

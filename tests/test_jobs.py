@@ -170,3 +170,14 @@ def test_a_record_of_the_previous_release_reads_and_runs(store):
     run = Lifecycle(store).start(rec.id, "w", rec.id)
     assert run is not None and run.complete(expires_at=2) is Outcome.DONE
     assert store.get(rec.id).public().status == "completed"
+
+
+def test_the_pipeline_runs_what_planning_decided():
+    """One request shape from planning to the pipeline: every planned field arrives, model defaults included."""
+    req = VideoCreate(prompt="a cat", negative_prompt="dogs", seed=11, enhance_prompt=False)
+    rec = plan_job(req, TINY["k5-tiny-t2v"], has_image=False)
+    gen = rec.generation()
+    assert (gen.prompt, gen.negative_prompt, gen.seed, gen.enhance_prompt) == ("a cat", "dogs", 11, False)
+    assert (gen.width, gen.height, gen.num_frames) == (rec.width, rec.height, rec.num_frames) == (96, 64, 25)
+    spec = TINY["k5-tiny-t2v"]
+    assert (gen.num_inference_steps, gen.guidance_scale, gen.image) == (spec.steps, spec.guidance, None)

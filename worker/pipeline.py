@@ -13,13 +13,13 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 from PIL import Image
 
 from service.models import TINY, ModelSpec, parse_size
+from service.record import GenerationRequest
 from service.settings import Settings
 from worker import speed
 from worker.enhance import expand_prompt
@@ -33,21 +33,6 @@ _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torc
 
 class GenerationError(RuntimeError):
     """The pipeline ran but its output is unusable (NaN/Inf frames)."""
-
-
-@dataclass
-class GenerationRequest:
-    prompt: str
-    width: int
-    height: int
-    num_frames: int
-    num_inference_steps: int
-    guidance_scale: float
-    seed: int
-    negative_prompt: str | None = None
-    image: Image.Image | None = None
-    # Rewrite the prompt with Qwen2.5-VL first, as upstream does; None = the worker's default (settings).
-    enhance_prompt: bool | None = None
 
 
 # Called with (steps done, total steps): once with 0 when the text phase is over, then after every denoising step.

@@ -27,7 +27,7 @@ from service.jobs import VARIANTS, JobStore, asset_key
 from service.lifecycle import Lifecycle, Outcome, Run
 from service.storage import Storage, StorageError
 from worker import encode
-from worker.pipeline import GenerationError, GenerationRequest, VideoPipeline
+from worker.pipeline import GenerationError, VideoPipeline
 
 log = logging.getLogger(__name__)
 
@@ -172,18 +172,7 @@ class JobRun:
         image = None
         if rec.input_key:
             image = Image.open(io.BytesIO(storage.get_bytes(rec.input_key))).convert("RGB")
-        req = GenerationRequest(
-            prompt=rec.prompt or "",
-            negative_prompt=rec.negative_prompt,
-            width=rec.width,
-            height=rec.height,
-            num_frames=rec.num_frames,
-            num_inference_steps=rec.num_inference_steps,
-            guidance_scale=rec.guidance_scale,
-            seed=rec.seed,
-            image=image,
-            enhance_prompt=rec.enhance_prompt,
-        )
+        req = rec.generation(image)
         span = PHASE["decode"] - PHASE["denoise"]
 
         def on_step(done: int, total: int) -> None:
