@@ -34,7 +34,7 @@ class KeyRing:
     """The configured keys as digest -> owner id; the plain keys are not kept."""
 
     def __init__(self, settings: Settings) -> None:
-        keys = [k.strip() for k in settings.api_keys.split(",") if k.strip()]
+        keys = list(settings.api_keys)
         if settings.api_keys_file is not None:
             try:
                 lines = settings.api_keys_file.read_text().splitlines()

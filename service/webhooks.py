@@ -65,8 +65,8 @@ class UnsafeURL(ValueError):
 class URLPolicy:
     """Webhooks go to public addresses only, unless the allowlist (hosts or CIDRs) says otherwise."""
 
-    def __init__(self, allowed: str) -> None:
-        items = [a.strip() for a in allowed.split(",") if a.strip()]
+    def __init__(self, allowed: list[str]) -> None:
+        items = [a.strip() for a in allowed if a.strip()]
         self.hosts: set[str] = set()
         self.networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
         for item in items:

@@ -22,9 +22,8 @@ StepCache = Literal["off", "taylorseer", "magcache"]
 _TAYLORSEER_MODULES = [r"visual_transformer_blocks\.\d+\.(self_attention|cross_attention|feed_forward)"]
 
 
-def parse_mag_ratios(text: str) -> list[float]:
+def parse_mag_ratios(values: list[float]) -> list[float]:
     """Upstream's list interleaves cond and uncond ratios, which are nearly equal; diffusers takes one series."""
-    values = [float(v) for v in text.replace("[", "").replace("]", "").split(",") if v.strip()]
     return values[0::2]
 
 
