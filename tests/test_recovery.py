@@ -440,7 +440,8 @@ def test_worker_survives_a_redis_restart(worker_env, t2v, tmp_path):
         assert server.proc is not None
         server.proc.kill()  # the hard way: only the fsynced AOF survives
         server.proc.wait(10)
-        time.sleep(3)
+        # The worker meets the outage (its heartbeat fails) and stays up.
+        wait_until(lambda: "heartbeat failed" in log.read_text(), 30, "the worker saw Redis go away", log)
         assert proc.poll() is None
         server.start()
 
