@@ -28,9 +28,7 @@ import logging
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from enum import StrEnum
-from typing import Any, NamedTuple
+from typing import Any
 
 import redis
 
@@ -38,120 +36,13 @@ from service import keys, webhooks
 from service.idempotency import IDEMPOTENCY_TTL_S, IdempotencyKey, replay
 from service.jobs import JobStore, current_rq_id, new_rq_id
 from service.record import JobRecord
+from service.run import Run
 from service.schemas import TERMINAL, VideoError
+from service.transitions import EDGES, Move, Outcome, Snapshot, advanced
 
 log = logging.getLogger(__name__)
 
-
-class Edge(NamedTuple):
-    sources: frozenset[str]
-    target: str
-
-
-EDGES: dict[str, Edge] = {
-    "start": Edge(frozenset({"queued"}), "in_progress"),
-    "progress": Edge(frozenset({"in_progress"}), "in_progress"),
-    "complete": Edge(frozenset({"in_progress"}), "completed"),
-    "fail": Edge(frozenset({"in_progress"}), "failed"),
-    "requeue": Edge(frozenset({"in_progress"}), "queued"),
-    "redeliver": Edge(frozenset({"queued"}), "queued"),
-    "give_up": Edge(frozenset({"queued", "in_progress"}), "failed"),
-    "cancel": Edge(frozenset({"queued", "in_progress"}), "failed"),
-}
-
-
-class Outcome(StrEnum):
-    DONE = "done"  # the transition happened
-    FINAL = "final"  # the job is already final (cancelled, given up, completed): nothing moved
-    GONE = "gone"  # there is no record (deleted, expired)
-    NOT_OWNER = "not_owner"  # another run owns the job now, or none does: this run's lease lapsed
-    REFUSED = "refused"  # not now: not the current RQ job, the lease is alive, already running
-
-
-@dataclass(frozen=True)
-class Snapshot:
-    """A job's keys as read under WATCH."""
-
-    record: JobRecord | None
-    owner: str  # token of the current run, "" for none
-    rq: str  # the video's current RQ job id
-    attempts: int
-    leased: bool
-
-
-@dataclass
-class Move:
-    """What one transition writes: the new record, and for some edges a new run or a new RQ job."""
-
-    edge: str
-    record: JobRecord
-    token: str | None = None  # start: the new run's token
-    rq_id: str | None = None  # requeue, redeliver: the RQ job to enqueue (at the front)
-    attempts: int | None = None  # the new attempt count, when it changes
-
-
-@dataclass
-class Run:
-    """One run of a job on a worker, holding its lease; what the run may do to its job."""
-
-    life: Lifecycle
-    record: JobRecord
-    token: str
-    rq_id: str
-    # Where this run stores its files; the record names it once the run completes.
-    assets: str = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.assets = f"{self.record.id}/run-{self.token.rsplit('#', 1)[1]}"
-
-    @property
-    def video_id(self) -> str:
-        return self.record.id
-
-    def progress(self, progress: int | None = None, **changes: Any) -> Outcome:
-        """Record progress (it only grows); DONE means go on, anything else means stop."""
-        if progress is not None:
-            changes["progress"] = min(100, int(progress))
-        return self._move("progress", changes)
-
-    def complete(self, expires_at: int) -> Outcome:
-        now = int(time.time())
-        return self._move("complete", {"progress": 100, "completed_at": now, "expires_at": expires_at})
-
-    def fail(self, code: str, message: str) -> Outcome:
-        return self._move("fail", {"error": VideoError(code=code, message=message)})
-
-    def requeue(self) -> Outcome:
-        """Give the job back at a step boundary (worker shutdown): not a failed attempt."""
-        return self.life.requeue(self.video_id, token=self.token)[0]
-
-    def refresh(self) -> bool:
-        """Re-arm the lease (the heartbeat); False once another run owns the job."""
-        return self.life.refresh(self.video_id, self.token)
-
-    def drop_lease(self) -> None:
-        """Let the lease lapse now (a worker about to exit): the janitor requeues the job on its next pass."""
-        if keys.text(self.life.r.hget(keys.attempt(self.video_id), "owner") or b"") == self.token:
-            self.life.r.delete(keys.lease(self.video_id))
-
-    def release(self) -> None:
-        """The run is over and its job settled (final, requeued): let go of the job if this run still holds it."""
-        self.life.release(self.video_id, self.token)
-
-    def _move(self, edge: str, changes: dict[str, Any]) -> Outcome:
-        def plan(snap: Snapshot) -> Move:
-            assert snap.record is not None
-            update = dict(changes)
-            if "progress" in update:  # progress only grows, whatever order concurrent writes come in
-                update["progress"] = max(snap.record.progress, update["progress"])
-            return Move(edge, _as(snap, EDGES[edge].target, **update))
-
-        if edge == "complete":
-            changes["assets"] = self.assets
-        outcome, rec = self.life._transact(self.video_id, plan, edge=edge, token=self.token)
-        if rec is not None:
-            self.record = rec
-        return outcome
+__all__ = ["EDGES", "Lifecycle", "Move", "Outcome", "Run", "Snapshot"]
 
 
 # Re-arm the lease only while this run still owns the job: a lease that lapsed during a pause comes back,
@@ -228,7 +119,9 @@ class Lifecycle:
         Safe to repeat. Returns the final record, or None if it was already final (or gone) before this call.
         """
         error = VideoError(code="cancelled", message="The job was cancelled.")
-        outcome, rec = self._transact(video_id, lambda s: Move("cancel", _as(s, "failed", error=error)), edge="cancel")
+        outcome, rec = self._transact(
+            video_id, lambda s: Move("cancel", advanced(s, "failed", error=error)), edge="cancel"
+        )
         if outcome is not Outcome.DONE or rec is None:
             return None
         # Its current RQ job: a requeued or redelivered video waits under a new id.
@@ -257,10 +150,23 @@ class Lifecycle:
         def plan(snap: Snapshot) -> Move | Outcome:
             if rq_id != snap.rq:
                 return Outcome.REFUSED
-            return Move("start", _as(snap, "in_progress", worker=worker, **changes), token=token)
+            return Move("start", advanced(snap, "in_progress", worker=worker, **changes), token=token)
 
         outcome, rec = self._transact(video_id, plan, edge="start")
         return Run(self, rec, token, rq_id) if outcome is Outcome.DONE and rec is not None else None
+
+    def move_run(
+        self, video_id: str, token: str, edge: str, changes: dict[str, Any]
+    ) -> tuple[Outcome, JobRecord | None]:
+        """A run's own move (progress, complete, fail), checked against its token: Run calls this."""
+
+        def plan(snap: Snapshot) -> Move:
+            update = dict(changes)
+            if "progress" in update and snap.record is not None:  # progress only grows, in any order of writes
+                update["progress"] = max(snap.record.progress, update["progress"])
+            return Move(edge, advanced(snap, EDGES[edge].target, **update))
+
+        return self._transact(video_id, plan, edge=edge, token=token)
 
     def refresh(self, video_id: str, token: str) -> bool:
         return bool(self._refresh(keys=[keys.lease(video_id), keys.attempt(video_id)], args=[token, self.lease_ms]))
@@ -289,7 +195,7 @@ class Lifecycle:
                 return self._give_up(snap)
             reset = {"progress": 0, "worker": None, "started_at": None}
             n = snap.attempts - 1 if token else snap.attempts
-            return Move("requeue", _as(snap, "queued", **reset), rq_id=new_rq_id(video_id), attempts=n)
+            return Move("requeue", advanced(snap, "queued", **reset), rq_id=new_rq_id(video_id), attempts=n)
 
         outcome, rec = self._transact(video_id, plan, edge="requeue", token=token)
         if outcome is not Outcome.DONE or rec is None:
@@ -314,7 +220,7 @@ class Lifecycle:
                 move = self._give_up(snap, snap.attempts + 1)
                 move.attempts = snap.attempts + 1
                 return move
-            return Move("redeliver", _as(snap, "queued"), rq_id=new_rq_id(video_id), attempts=snap.attempts + 1)
+            return Move("redeliver", advanced(snap, "queued"), rq_id=new_rq_id(video_id), attempts=snap.attempts + 1)
 
         outcome, rec = self._transact(video_id, plan, edge="redeliver", retry=False)
         if outcome is not Outcome.DONE or rec is None:
@@ -326,7 +232,7 @@ class Lifecycle:
     def _give_up(self, snap: Snapshot, n: int | None = None) -> Move:
         n = snap.attempts if n is None else n
         error = VideoError(code="worker_lost", message=f"The worker running this job was lost {n} times; giving up.")
-        return Move("give_up", _as(snap, "failed", error=error))
+        return Move("give_up", advanced(snap, "failed", error=error))
 
     def _unwatch(self, video_id: str) -> None:
         with self.r.pipeline() as pipe:
@@ -430,8 +336,3 @@ class Lifecycle:
         if urls and self.settings.webhook_secret:
             event_ttl = int(self.settings.webhook_retry_window_s) + 7 * 86400
             webhooks.queue_event(pipe, rec.public().model_dump(mode="json"), urls, time.time(), event_ttl)
-
-
-def _as(snap: Snapshot, status: str, **changes: Any) -> JobRecord:
-    assert snap.record is not None
-    return snap.record.model_copy(update={**changes, "status": status})
