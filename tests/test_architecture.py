@@ -96,3 +96,18 @@ def test_gateway_does_not_import_torch_or_worker():
 def test_worker_does_not_import_fastapi():
     mods = loaded_after("import worker.main, worker.runner, worker.pipeline, worker.encode")
     assert not mods & HTTP
+
+
+def test_redis_keys_are_named_in_one_module():
+    """service/keys.py names every key family; webhooks.py still spells its three itself, and must agree."""
+    from service import keys, webhooks
+
+    allowed = {ROOT / "service" / "keys.py", ROOT / "service" / "webhooks.py"}
+    inline = [
+        str(p.relative_to(ROOT))
+        for d in ("service", "worker")
+        for p in (ROOT / d).rglob("*.py")
+        if p not in allowed and ('"k5:' in p.read_text() or 'f"k5:' in p.read_text())
+    ]
+    assert inline == []
+    assert webhooks.DUE == keys.WEBHOOKS_DUE and webhooks.delivery_key("d1") == keys.webhook("d1")
