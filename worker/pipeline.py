@@ -23,6 +23,7 @@ from service.record import GenerationRequest
 from service.settings import Settings
 from worker import speed
 from worker.enhance import expand_prompt
+from worker.stats import GenerationStats
 from worker.stepcache import StepCacher, parse_mag_ratios
 from worker.textcache import DEFAULT_NEGATIVE_PROMPT, LRU, PromptEmbeds, TextEncoders
 
@@ -67,7 +68,7 @@ class VideoPipeline:
         self.spec = spec
         self.device = device
         self.settings = settings
-        self.last_stats: dict = {}
+        self.last_stats: GenerationStats | None = None
         self.warmed: list[tuple[int, int, int]] = []
         self._busy = threading.Lock()
         transformer = pipe.transformer
@@ -158,7 +159,7 @@ class VideoPipeline:
     def _generate(
         self, req: GenerationRequest, on_step: StepCallback | None, decode: bool
     ) -> np.ndarray | torch.Tensor:
-        self.last_stats = {}
+        self.last_stats = None
         cuda = self.device.type == "cuda"
         if cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -213,18 +214,18 @@ class VideoPipeline:
         t_end = time.perf_counter()
         last_step = step_ends[-1] if step_ends else t_end
         steps = len(step_ends)
-        self.last_stats = {
-            "text_encode_s": t_text - t0,
-            "enhance_s": t_enhanced - t0 if enhanced is not None else 0.0,
-            "text_cache_hit": hit,
-            "denoise_s": last_step - t_start,
-            "decode_s": t_end - last_step,
-            "steps": steps,
-            "step_s": (last_step - t_start) / steps if steps else None,
-            "peak_gpu_memory_bytes": torch.cuda.max_memory_allocated(self.device) if cuda else None,
-            "enhanced_prompt": enhanced,
-            "vae_tiling": tiling,
-        }
+        self.last_stats = GenerationStats(
+            text_encode_s=t_text - t0,
+            enhance_s=t_enhanced - t0 if enhanced is not None else 0.0,
+            text_cache_hit=hit,
+            denoise_s=last_step - t_start,
+            decode_s=t_end - last_step,
+            steps=steps,
+            step_s=(last_step - t_start) / steps if steps else None,
+            peak_gpu_memory_bytes=torch.cuda.max_memory_allocated(self.device) if cuda else None,
+            enhanced_prompt=enhanced,
+            vae_tiling=tiling,
+        )
         return video
 
     def _wants_enhance(self, req: GenerationRequest) -> bool:

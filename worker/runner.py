@@ -28,6 +28,7 @@ from service.lifecycle import Lifecycle, Outcome, Run
 from service.storage import Storage, StorageError
 from worker import encode
 from worker.pipeline import GenerationError, VideoPipeline
+from worker.stats import GenerationStats
 
 log = logging.getLogger(__name__)
 
@@ -215,25 +216,27 @@ class JobRun:
         if outcome is not Outcome.DONE:
             raise Stopped(outcome)
 
-    def _observe_generation(self, run: Run, generate_s: float) -> dict:
-        """Export the pipeline's per-phase figures; fall back to the whole call when it has none."""
-        stats = dict(getattr(self.ctx.pipeline, "last_stats", None) or {})
-        rec = run.record
-        model = rec.model
-        if "denoise_s" in stats:
-            for phase in ("text_encode", "denoise", "decode"):
-                if stats.get(f"{phase}_s") is not None:
-                    metrics.PHASE_SECONDS.labels(model, phase).observe(stats[f"{phase}_s"])
-        if stats.get("step_s"):
-            metrics.STEP_SECONDS.labels(model).observe(stats["step_s"])
-        else:
-            stats["step_s"] = generate_s / max(1, rec.num_inference_steps)
-        if stats.get("peak_gpu_memory_bytes") is not None:
-            metrics.PEAK_GPU_MEMORY.labels(model).set(stats["peak_gpu_memory_bytes"])
-        if stats.get("enhanced_prompt"):
-            if (outcome := run.progress(enhanced_prompt=stats["enhanced_prompt"])) is not Outcome.DONE:
-                raise Stopped(outcome)
-        return {k: v for k, v in stats.items() if isinstance(v, int | float)}
+    def _observe_generation(self, run: Run, generate_s: float) -> dict[str, float]:
+        """Export the pipeline's per-phase figures; fall back to the whole call when it has none. Returns the
+        numeric figures for the log line, step_s always among them."""
+        stats: GenerationStats | None = getattr(self.ctx.pipeline, "last_stats", None)
+        model = run.record.model
+        figures: dict[str, float] = {}
+        if stats is not None:
+            phases = (("text_encode", stats.text_encode_s), ("denoise", stats.denoise_s), ("decode", stats.decode_s))
+            for phase, seconds in phases:
+                metrics.PHASE_SECONDS.labels(model, phase).observe(seconds)
+            if stats.step_s:
+                metrics.STEP_SECONDS.labels(model).observe(stats.step_s)
+            if stats.peak_gpu_memory_bytes is not None:
+                metrics.PEAK_GPU_MEMORY.labels(model).set(stats.peak_gpu_memory_bytes)
+            if stats.enhanced_prompt:
+                if (outcome := run.progress(enhanced_prompt=stats.enhanced_prompt)) is not Outcome.DONE:
+                    raise Stopped(outcome)
+            figures = {k: v for k, v in stats.as_dict().items() if isinstance(v, int | float)}
+        if not figures.get("step_s"):
+            figures["step_s"] = generate_s / max(1, run.record.num_inference_steps)
+        return figures
 
     @staticmethod
     def _progress(run: Run, progress: int) -> None:
