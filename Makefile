@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install system-deps redis-server chromium serve test lint openapi tiny-model clean
+.PHONY: install system-deps redis-server chromium serve test test-fast lint openapi tiny-model clean
 
 install: $(STAMP)
 
@@ -45,8 +45,13 @@ serve: install redis-server
 test: install system-deps
 	$(BIN)/python -m pytest -q
 
+# The quick lane while working: everything but the tests on real worker and gateway processes (marked `slow`).
+test-fast: install redis-server
+	$(BIN)/python -m pytest -q -m "not slow"
+
 lint: install
 	$(BIN)/python -m ruff check service worker tests bench
+	$(BIN)/python -m mypy
 
 openapi: install
 	$(BIN)/k5serve openapi openapi.yaml

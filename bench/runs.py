@@ -149,7 +149,7 @@ def ours(
     )
     frames = pipeline.generate(request)
     stats = {
-        **pipeline.last_stats,
+        **(pipeline.last_stats.as_dict() if pipeline.last_stats else {}),
         "attention": pipeline.attention_backend,
         "attention_timings": pipeline.attention_timings,
         "compile": pipeline.compile_scope,

@@ -13,7 +13,8 @@ import time
 
 import redis
 
-from service.jobs import RequestRejected
+from service import keys
+from service.problems import Throttled
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ class KeyRing:
     """The configured keys as digest -> owner id; the plain keys are not kept."""
 
     def __init__(self, settings: Settings) -> None:
-        keys = [k.strip() for k in settings.api_keys.split(",") if k.strip()]
+        keys = list(settings.api_keys)
         if settings.api_keys_file is not None:
             try:
                 lines = settings.api_keys_file.read_text().splitlines()
@@ -76,7 +77,7 @@ class Limits:
     def check_rate(self, owner: str) -> None:
         now = time.time()
         window = int(now // 60)
-        key = f"k5:rate:{owner}:{window}"
+        key = keys.rate(owner, window)
         with self.r.pipeline() as pipe:
             pipe.incr(key)
             pipe.expire(key, 120)
@@ -87,9 +88,6 @@ class Limits:
             )
 
 
-def too_many(message: str, code: str, retry_after_s: float) -> RequestRejected:
+def too_many(message: str, code: str, retry_after_s: float) -> Throttled:
     """A 429 with the Retry-After headers the openai SDK honours."""
-    err = RequestRejected(message, code=code, status=429)
-    retry = max(1.0, retry_after_s)
-    err.headers = {"Retry-After": str(int(retry + 0.999)), "retry-after-ms": str(int(retry * 1000))}
-    return err
+    return Throttled(message, code=code, retry_after_s=retry_after_s)

@@ -109,16 +109,18 @@ def hub_reader(repo_id: str, cache_dir: str | None) -> Reader:
         try:
             path = hf_hub_download(repo_id, relative, cache_dir=cache_dir)
         except LocalEntryNotFoundError as e:  # not cached, and the hub is out of reach (or HF_HUB_OFFLINE)
-            return _missing(relative, f"the hub is out of reach and no copy is cached ({type(e).__name__})")
+            _missing(relative, f"the hub is out of reach and no copy is cached ({type(e).__name__})")
+            return None
         except EntryNotFoundError:
             return None  # the repo has no such file
         except Exception as e:  # unknown repo, gated, no access
-            return _missing(relative, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+            _missing(relative, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+            return None
         return json.loads(Path(path).read_text())
 
     def _missing(relative: str, why: str) -> None:
+        """Without model_index.json there is nothing to serve; a missing optional file reads as absent."""
         if relative == "model_index.json":
             raise UnknownModelError(f"cannot read {repo_id}/model_index.json: {why}")
-        return None
 
     return read

@@ -123,7 +123,7 @@ class Deliverer:
         with self.r.pipeline() as pipe:
             pipe.set(delivery_key(d.id), d.model_dump_json(), keepttl=True)
             if schedule:
-                pipe.zadd(DUE, {d.id: d.next_at})
+                pipe.zadd(DUE, {d.id: d.next_at or 0.0})
             else:
                 pipe.zrem(DUE, d.id)
             pipe.execute()

@@ -7,7 +7,8 @@ from typing import Annotated
 from fastapi import Depends, Header, Request
 
 from service.auth import AuthError
-from service.jobs import JobStore, RequestRejected
+from service.jobs import JobStore
+from service.problems import Unauthenticated
 from service.settings import Settings
 from service.storage import Storage
 
@@ -37,9 +38,7 @@ def _owner(
     try:
         owner = request.app.state.keys.authenticate(authorization)
     except AuthError as e:
-        rejected = RequestRejected(str(e), code="invalid_api_key", status=401)
-        rejected.headers = {"WWW-Authenticate": "Bearer"}
-        raise rejected from e
+        raise Unauthenticated(str(e)) from e
     request.app.state.limits.check_rate(owner)
     return owner
 

@@ -11,9 +11,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.jobs import RequestRejected
+from service import problems
 from service.schemas import PATTERN_HINTS, ErrorResponse
-from service.videos import NotFound
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +29,22 @@ _TYPES = {
     429: "rate_limit_error",
     503: "service_unavailable",
 }
+
+# The one place where a kind of rejection becomes an HTTP status.
+STATUS: dict[type[problems.Rejected], int] = {
+    problems.InvalidParameter: 400,
+    problems.Unauthenticated: 401,
+    problems.NotFound: 404,
+    problems.Conflict: 409,
+    problems.Gone: 410,
+    problems.TooLarge: 413,
+    problems.UnsupportedMedia: 415,
+    problems.Throttled: 429,
+}
+
+
+def status_of(exc: problems.Rejected) -> int:
+    return next((STATUS[k] for k in type(exc).__mro__ if k in STATUS), 400)
 
 
 def envelope(
@@ -75,13 +90,9 @@ def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 
 
 def install(app: FastAPI) -> None:
-    @app.exception_handler(RequestRejected)
-    async def _rejected(_: Request, exc: RequestRejected) -> JSONResponse:
-        return envelope(exc.status, exc.message, param=exc.param, code=exc.code, headers=exc.headers)
-
-    @app.exception_handler(NotFound)
-    async def _not_found(_: Request, exc: NotFound) -> JSONResponse:
-        return envelope(404, f"No video found with id '{exc}'.", param="video_id", code="video_not_found")
+    @app.exception_handler(problems.Rejected)
+    async def _rejected(_: Request, exc: problems.Rejected) -> JSONResponse:
+        return envelope(status_of(exc), exc.message, param=exc.param, code=exc.code, headers=exc.headers or None)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -18,7 +18,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
 
-from service.jobs import RequestRejected
+from service.problems import InvalidParameter, TooLarge, UnsupportedMedia
 from service.schemas import VideoCreate
 from service.settings import Settings
 
@@ -53,27 +53,24 @@ async def parse_create(request: Request, settings: Settings) -> tuple[VideoCreat
     limit = body_limit(settings)
     length = request.headers.get("content-length")
     if length and length.isdigit() and int(length) > limit:
-        raise RequestRejected(
-            f"The request body is {length} bytes; the limit is {limit}.", code="body_too_large", status=413
-        )
+        raise TooLarge(f"The request body is {length} bytes; the limit is {limit}.", code="body_too_large")
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype == "application/json":
         body = await request.body()
         if len(body) > limit:
-            raise RequestRejected("The request body is too large.", code="body_too_large", status=413)
+            raise TooLarge("The request body is too large.", code="body_too_large")
         try:
             data = json.loads(body)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise RequestRejected("The request body is not valid JSON.", code="invalid_json") from e
+            raise InvalidParameter("The request body is not valid JSON.", code="invalid_json") from e
         if not isinstance(data, dict):
-            raise RequestRejected("The request body must be a JSON object.", code="invalid_json")
+            raise InvalidParameter("The request body must be a JSON object.", code="invalid_json")
         return _validate(data), None
     if ctype in ("multipart/form-data", "application/x-www-form-urlencoded"):
         return await _parse_form(request, settings, limit)
-    raise RequestRejected(
+    raise UnsupportedMedia(
         "Send the request as application/json or multipart/form-data (application/x-www-form-urlencoded also works).",
         code="unsupported_media_type",
-        status=415,
     )
 
 
@@ -81,23 +78,22 @@ async def _parse_form(request: Request, settings: Settings, limit: int) -> tuple
     try:
         form = await request.form(max_files=1, max_fields=_MAX_FIELDS, max_part_size=limit)
     except MultiPartException as e:
-        raise RequestRejected(f"Malformed multipart body: {e.message}", code="invalid_multipart") from e
+        raise InvalidParameter(f"Malformed multipart body: {e.message}", code="invalid_multipart") from e
     except HTTPException as e:  # Starlette wraps multipart parse errors in a 400 of its own
-        raise RequestRejected(f"Malformed form body: {e.detail}", code="invalid_multipart") from e
+        raise InvalidParameter(f"Malformed form body: {e.detail}", code="invalid_multipart") from e
     data: dict[str, object] = {}
     image: bytes | None = None
     try:
         for key, value in form.multi_items():
             if isinstance(value, UploadFile):
                 if key != "input_reference":
-                    raise RequestRejected(f"Unexpected file field '{key}'.", param=key)
+                    raise InvalidParameter(f"Unexpected file field '{key}'.", param=key)
                 image = await value.read(settings.max_image_bytes + 1)
                 if len(image) > settings.max_image_bytes:
-                    raise RequestRejected(
+                    raise TooLarge(
                         f"The image is larger than {settings.max_image_bytes} bytes.",
                         param="input_reference",
                         code="image_too_large",
-                        status=413,
                     )
                 continue
             nested = _NESTED.match(key)
@@ -105,7 +101,7 @@ async def _parse_form(request: Request, settings: Settings, limit: int) -> tuple
                 outer, inner = nested.groups()
                 sub = data.setdefault(outer, {})
                 if not isinstance(sub, dict):
-                    raise RequestRejected(f"'{outer}' is given twice.", param=outer)
+                    raise InvalidParameter(f"'{outer}' is given twice.", param=outer)
                 sub[inner] = value
             elif key == "input_reference":
                 # A plain string in place of a file: a data URL, as in JSON's input_reference.image_url.

@@ -1,81 +1,31 @@
-"""Job records and their state transitions in Redis; enqueueing on RQ; the registry of online models.
-
-Redis keys:
-  k5:video:<id>        the job record (JSON), the source of truth for the video object
-  k5:videos:<owner>    the owner's video ids, all with score 0 so that ZRANGEBYLEX lists them in id order;
-                       ids are time-ordered, so that is creation order
-  k5:spec:<model>      the last ModelSpec a worker announced for <model>
-  k5:workers:<model>   sorted set worker name -> last heartbeat (unix seconds)
-RQ queue per model: the queue's name is the model id, so each worker pool takes only its model's jobs.
+"""Job records in Redis, read side: planning a request into a record, enqueueing on RQ, listing, live fields
+(queue position, ETA), and the registry of online models. Records are written only by service/lifecycle.py;
+service/keys.py names every key. RQ queue per model: the queue's name is the model id, so each worker pool takes
+only its model's jobs.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
+import builtins
 import logging
 import secrets
 import time
-from collections.abc import Callable
 from typing import Any, Literal
 
 import redis
 from rq import Queue
+from rq.job import Job
 
-from service import webhooks
+from service import keys
 from service.models import CATALOGUE, ModelSpec, find_spec, parse_size
-from service.schemas import MAX_SEED, TERMINAL, Video, VideoCreate, VideoError
+from service.problems import InvalidParameter
+from service.record import JobRecord
+from service.schemas import MAX_SEED, TERMINAL, Video, VideoCreate
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
 JOB_FUNC = "worker.runner.run_job"
-# How long an Idempotency-Key keeps pointing at its video.
-IDEMPOTENCY_TTL_S = 24 * 3600
-
-# Forward moves only; a status may repeat itself (progress updates) but terminal states never change.
-_NEXT: dict[str, frozenset[str]] = {
-    "queued": frozenset({"queued", "in_progress", "failed"}),
-    "in_progress": frozenset({"in_progress", "completed", "failed"}),
-}
-
-
-class RequestRejected(ValueError):
-    """A request that cannot become a job; the gateway turns it into a 4xx envelope."""
-
-    def __init__(self, message: str, *, param: str | None = None, code: str = "invalid_value", status: int = 400):
-        super().__init__(message)
-        self.message, self.param, self.code, self.status = message, param, code, status
-        self.headers: dict[str, str] | None = None
-
-
-class JobRecord(Video):
-    """The video object plus what the worker needs and clients never see."""
-
-    width: int
-    height: int
-    num_frames: int
-    fps: int
-    task: str
-    input_key: str | None = None
-    worker: str | None = None
-    # Whose video this is (an API key's id); a key sees only its own videos.
-    owner: str = "anonymous"
-    webhook_url: str | None = None
-    enhance_prompt: bool | None = None
-    started_at: float | None = None
-
-    def public(self, **live: Any) -> Video:
-        return Video.model_validate({**self.model_dump(include=set(Video.model_fields)), **live})
-
-    @property
-    def megavoxels(self) -> float:
-        return self.width * self.height * self.num_frames / 1e6
-
-    @property
-    def cfg_factor(self) -> int:
-        # With guidance > 1 every step runs the transformer twice (cond and uncond).
-        return 2 if self.guidance_scale > 1 else 1
 
 
 def connect_redis(settings: Settings) -> redis.Redis:
@@ -85,15 +35,10 @@ def connect_redis(settings: Settings) -> redis.Redis:
     )
 
 
-def attempt_key(video_id: str) -> str:
-    """Hash: n (deliveries a worker took), owner (token of the current run), rq (the current RQ job id)."""
-    return f"k5:attempt:{video_id}"
-
-
 def current_rq_id(conn: Any, video_id: str) -> str:
     """The RQ job that may run `video_id` now: the one its attempt hash names once it was requeued or redelivered,
     else the one enqueued with it, under its own id. `conn`: the connection, or a pipeline watching the hash."""
-    return (conn.hget(attempt_key(video_id), "rq") or b"").decode() or video_id
+    return (conn.hget(keys.attempt(video_id), "rq") or b"").decode() or video_id
 
 
 def new_rq_id(video_id: str) -> str:
@@ -111,19 +56,6 @@ def new_video_id() -> str:
     return f"video_{time.time_ns():016x}{secrets.token_hex(8)}"
 
 
-def video_key(video_id: str) -> str:
-    return f"k5:video:{video_id}"
-
-
-def index_key(owner: str) -> str:
-    return f"k5:videos:{owner}"
-
-
-def inflight_key(owner: str) -> str:
-    # The owner's jobs that are queued or running: added at creation, removed by the terminal transition.
-    return f"k5:inflight:{owner}"
-
-
 Variant = Literal["video", "thumbnail", "spritesheet"]
 # Asset name and media type of each downloadable variant, as the worker writes them.
 VARIANTS: dict[str, tuple[str, str]] = {
@@ -134,37 +66,38 @@ VARIANTS: dict[str, tuple[str, str]] = {
 INPUT_IMAGE = "input.png"
 
 
-def asset_key(video_id: str, name: str) -> str:
-    return f"{video_id}/{name}"
+def asset_key(prefix: str, name: str) -> str:
+    """A stored file: a video's input under `<id>/`, a run's outputs under its own prefix (JobRecord.assets)."""
+    return f"{prefix}/{name}"
 
 
 def plan_job(req: VideoCreate, spec: ModelSpec, has_image: bool) -> JobRecord:
-    """Check a request against its model and fill in the model's defaults. Raises RequestRejected."""
+    """Check a request against its model and fill in the model's defaults. Raises InvalidParameter."""
     size = req.size or spec.default_size
     if size not in spec.sizes:
-        raise RequestRejected(
+        raise InvalidParameter(
             f"Invalid size '{size}' for model {spec.id}; supported sizes: {', '.join(spec.sizes)}.",
             param="size",
         )
     seconds = req.seconds or spec.default_seconds
     if seconds not in spec.seconds:
-        raise RequestRejected(
+        raise InvalidParameter(
             f"Invalid seconds '{seconds}' for model {spec.id}; supported: {', '.join(spec.seconds)}.",
             param="seconds",
         )
     if spec.task == "image-to-video" and not has_image:
-        raise RequestRejected(
+        raise InvalidParameter(
             f"Model {spec.id} is image-to-video and needs input_reference.",
             param="input_reference",
             code="missing",
         )
     if spec.task == "text-to-video" and has_image:
-        raise RequestRejected(
+        raise InvalidParameter(
             f"Model {spec.id} is text-to-video and takes no input_reference.", param="input_reference"
         )
     steps = req.num_inference_steps or spec.steps
     if steps > spec.max_steps:
-        raise RequestRejected(
+        raise InvalidParameter(
             f"num_inference_steps must be at most {spec.max_steps} for model {spec.id}.",
             param="num_inference_steps",
         )
@@ -209,32 +142,6 @@ class JobStore:
     def queue(self, model: str) -> Queue:
         return Queue(name=model, connection=self.r)
 
-    def create(self, rec: JobRecord, max_inflight: int | None = None) -> bool:
-        """Store the record and enqueue its job in one transaction: both happen or neither.
-
-        With `max_inflight`, only while the owner has fewer videos queued or in progress, checked in the same
-        transaction, so that concurrent requests cannot overshoot it together. Returns False if it had as many.
-        """
-        inflight = inflight_key(rec.owner)
-        with self.r.pipeline() as pipe:
-            while True:
-                try:
-                    if max_inflight is not None:
-                        pipe.watch(inflight)
-                        if pipe.scard(inflight) >= max_inflight:
-                            return False
-                    pipe.multi()
-                    pipe.set(video_key(rec.id), rec.model_dump_json())
-                    pipe.zadd(index_key(rec.owner), {rec.id: 0})
-                    pipe.sadd(inflight, rec.id)
-                    self.enqueue(pipe, rec.model, rec.id, rec.id, description=f"video {rec.id}")
-                    pipe.execute()
-                    break
-                except redis.WatchError:
-                    continue  # another of the owner's videos was created or finished meanwhile: check again
-        log.info("queued", extra={"video_id": rec.id, "model": rec.model})
-        return True
-
     def enqueue(
         self, pipe: Any, model: str, video_id: str, rq_id: str, *, description: str, at_front: bool = False
     ) -> None:
@@ -253,18 +160,28 @@ class JobStore:
             pipeline=pipe,
         )
 
+    def forget_rq_job(self, model: str, rq_id: str) -> None:
+        """A dead or lost delivery's RQ job: out of the started registry, so RQ's own abandoned-job cleanup does
+        not file it as failed later (the job record, not RQ, says how the video ended)."""
+        try:
+            job = Job.fetch(rq_id, connection=self.r)
+            self.queue(model).started_job_registry.remove_executions(job)
+            job.delete(remove_from_queue=True)
+        except Exception:  # noqa: BLE001 - housekeeping only; the job itself is already requeued
+            log.debug("could not remove RQ job %s", rq_id, exc_info=True)
+
     def inflight(self, owner: str) -> int:
-        return int(self.r.scard(inflight_key(owner)))
+        return int(self.r.scard(keys.inflight(owner)))
 
     def get(self, video_id: str) -> JobRecord | None:
-        raw = self.r.get(video_key(video_id))
+        raw = self.r.get(keys.video(video_id))
         return JobRecord.model_validate_json(raw) if raw else None
 
     def list(
         self, owner: str, *, after: str | None = None, limit: int = 20, order: str = "desc"
     ) -> tuple[list[JobRecord], bool]:
         """One page of an owner's videos after the cursor, newest first by default; and whether more follow."""
-        index = index_key(owner)
+        index = keys.videos(owner)
         records: list[JobRecord] = []
         cursor = after
         while len(records) <= limit:
@@ -275,133 +192,14 @@ class JobStore:
                 ids = self.r.zrangebylex(index, f"({cursor}" if cursor else "-", "+", start=0, num=want)
             if not ids:
                 break
-            ids = [i.decode() for i in ids]
-            raws = self.r.mget([video_key(i) for i in ids])
-            gone = [i for i, raw in zip(ids, raws, strict=True) if raw is None]
+            page = [keys.text(i) for i in ids]
+            raws = self.r.mget([keys.video(i) for i in page])
+            gone = [i for i, raw in zip(page, raws, strict=True) if raw is None]
             if gone:  # records expire on their own; drop their ids from the index as we meet them
                 self.r.zrem(index, *gone)
             records += [JobRecord.model_validate_json(raw) for raw in raws if raw is not None]
-            cursor = ids[-1]
+            cursor = page[-1]
         return records[:limit], len(records) > limit
-
-    def cancel(self, video_id: str) -> JobRecord | None:
-        """Stop a job: off the queue if queued; a running one sees its record final at its next step and stops.
-
-        Safe to repeat. Returns the final record, or None if it was already final before this call.
-        """
-        rec = self.update(video_id, "failed", error={"code": "cancelled", "message": "The job was cancelled."})
-        if rec is not None:
-            # Its current RQ job: a requeued or redelivered video waits under a new id.
-            current = current_rq_id(self.r, video_id)
-            queue = self.queue(rec.model)
-            for rq_id in dict.fromkeys([video_id, current]):
-                if queue.remove(rq_id):  # still waiting, so no worker holds it: its RQ job can go too
-                    self.r.delete(queue.job_class.key_for(rq_id))
-            log.info("cancelled", extra={"video_id": video_id})
-        return rec
-
-    def remove(self, rec: JobRecord) -> None:
-        with self.r.pipeline() as pipe:
-            pipe.delete(video_key(rec.id))
-            pipe.zrem(index_key(rec.owner), rec.id)
-            pipe.execute()
-
-    def update(
-        self,
-        video_id: str,
-        status: str | None = None,
-        *,
-        watch: tuple[str, ...] = (),
-        guard: Callable[[Any], None] | None = None,
-        on_terminal: Callable[[Any, JobRecord], None] | None = None,
-        **changes: Any,
-    ) -> JobRecord | None:
-        """Apply one guarded transition. Returns the new record, or None when the record is gone or terminal.
-
-        Progress only grows; a terminal status is final; a move that is not forward raises ValueError.
-        `watch`, `guard` and `on_terminal` let a caller add keys to the optimistic lock, a check that may raise
-        (read on the watched pipeline), and writes that join a terminal transition (service/recovery.py).
-        """
-        key = video_key(video_id)
-        with self.r.pipeline() as pipe:
-            while True:
-                try:
-                    pipe.watch(key, *watch)
-                    raw = pipe.get(key)
-                    if raw is None:
-                        return None
-                    rec = JobRecord.model_validate_json(raw)
-                    if rec.status in TERMINAL:
-                        return None
-                    if guard is not None:
-                        guard(pipe)
-                    new_status = status or rec.status
-                    if new_status not in _NEXT[rec.status]:
-                        raise ValueError(f"{video_id}: {rec.status} -> {new_status} is not allowed")
-                    if "progress" in changes:
-                        changes["progress"] = max(rec.progress, min(100, int(changes["progress"])))
-                    if "error" in changes and isinstance(changes["error"], dict):
-                        changes["error"] = VideoError(**changes["error"])
-                    new = rec.model_copy(update={**changes, "status": new_status})
-                    pipe.multi()
-                    pipe.set(key, new.model_dump_json(), keepttl=True)
-                    if new_status in TERMINAL and new_status != rec.status:
-                        pipe.expire(key, self.record_ttl_s)
-                        self.terminal_effects(pipe, new)
-                        if on_terminal is not None:
-                            on_terminal(pipe, new)
-                    pipe.execute()
-                    return new
-                except redis.WatchError:
-                    continue
-
-    # -- idempotency ---------------------------------------------------------------------------------------------
-
-    def claim_idempotency(self, owner: str, key: str, fingerprint: str, video_id: str) -> str | None:
-        """Bind an Idempotency-Key to a new video. Returns None when this call owns the key, else the video id
-        the key already names (same request); raises RequestRejected (409) when the key was used for another."""
-        k = f"k5:idem:{owner}:{hashlib.sha256(key.encode()).hexdigest()}"
-        value = json.dumps({"fingerprint": fingerprint, "video_id": video_id})
-        for _ in range(3):
-            if self.r.set(k, value, nx=True, ex=IDEMPOTENCY_TTL_S):
-                return None
-            raw = self.r.get(k)
-            if raw is None:  # expired between the two calls
-                continue
-            bound = json.loads(raw)
-            if bound["fingerprint"] != fingerprint:
-                raise RequestRejected(
-                    "This Idempotency-Key was already used with a different request.",
-                    param="Idempotency-Key",
-                    code="idempotency_key_reused",
-                    status=409,
-                )
-            return bound["video_id"]
-        raise RequestRejected("Could not claim the Idempotency-Key; retry.", code="conflict", status=409)
-
-    def release_idempotency(self, owner: str, key: str) -> None:
-        self.r.delete(f"k5:idem:{owner}:{hashlib.sha256(key.encode()).hexdigest()}")
-
-    def wait_for(self, video_id: str, timeout_s: float = 10.0) -> JobRecord:
-        """The record of a video another request is creating right now."""
-        deadline = time.monotonic() + timeout_s
-        while (rec := self.get(video_id)) is None:
-            if time.monotonic() > deadline:
-                raise RequestRejected(
-                    "The original request with this Idempotency-Key is still being processed; retry.",
-                    param="Idempotency-Key",
-                    code="idempotency_in_progress",
-                    status=409,
-                )
-            time.sleep(0.05)
-        return rec
-
-    def _queue_webhooks(self, pipe: Any, rec: JobRecord) -> None:
-        """The terminal event goes out in the same transaction as the status: exactly once, never lost."""
-        urls = [u for u in (rec.webhook_url, self.settings.webhook_url) if u]
-        if urls and self.settings.webhook_secret:
-            ttl = int(self.settings.webhook_retry_window_s) + 7 * 86400
-            webhooks.queue_event(pipe, rec.public().model_dump(mode="json"), urls, time.time(), ttl)
 
     # -- live fields: queue position and estimated completion ------------------------------------------------
 
@@ -433,14 +231,14 @@ class JobStore:
             "step": step_s / (rec.megavoxels * rec.cfg_factor),
             "overhead": overhead_s / rec.megavoxels,
         }
-        key = f"k5:timing:{rec.model}"
+        key = keys.timing(rec.model)
         old = self.timing(rec.model)
         new = {k: v if old is None else 0.7 * old[k] + 0.3 * v for k, v in sample.items()}
-        self.r.hset(key, mapping=new)
+        self.r.hset(key, mapping={"step": new["step"], "overhead": new["overhead"]})
 
     def timing(self, model: str) -> dict[str, float] | None:
-        raw = self.r.hgetall(f"k5:timing:{model}")
-        return {k.decode(): float(v) for k, v in raw.items()} if raw else None
+        raw = self.r.hgetall(keys.timing(model))
+        return {keys.text(k): float(v) for k, v in raw.items()} if raw else None
 
     @staticmethod
     def estimate_s(rec: JobRecord, timing: dict[str, float] | None) -> float | None:
@@ -469,9 +267,9 @@ class JobStore:
 
     # -- models and workers --------------------------------------------------------------------------------
 
-    def queue_models(self) -> list[str]:
+    def queue_models(self) -> builtins.list[str]:
         """Every model that can have a queue here: announced by a worker, declared served, or queued for on RQ."""
-        announced = {m.decode() for m in self.r.smembers("k5:models")}
+        announced = {keys.text(m) for m in self.r.smembers(keys.MODELS)}
         queued = {q.name for q in Queue.all(connection=self.r)}
         return sorted(announced | queued | set(self.settings.served_model_ids))
 
@@ -479,24 +277,24 @@ class JobStore:
         """A worker's heartbeat: its model is online while beats keep coming."""
         now = time.time()
         with self.r.pipeline() as pipe:
-            pipe.set(f"k5:spec:{spec.id}", spec.model_dump_json())
-            pipe.set(f"k5:since:{spec.id}", int(now), nx=True)
-            pipe.sadd("k5:models", spec.id)
-            pipe.zadd(f"k5:workers:{spec.id}", {worker: now})
-            pipe.zremrangebyscore(f"k5:workers:{spec.id}", "-inf", now - self._offline_after())
+            pipe.set(keys.spec(spec.id), spec.model_dump_json())
+            pipe.set(keys.since(spec.id), int(now), nx=True)
+            pipe.sadd(keys.MODELS, spec.id)
+            pipe.zadd(keys.workers(spec.id), {worker: now})
+            pipe.zremrangebyscore(keys.workers(spec.id), "-inf", now - self._offline_after())
             pipe.execute()
 
     def retire(self, spec: ModelSpec, worker: str) -> None:
-        self.r.zrem(f"k5:workers:{spec.id}", worker)
+        self.r.zrem(keys.workers(spec.id), worker)
 
     def _offline_after(self) -> float:
         return 3 * self.settings.heartbeat_s + 5
 
     def workers_online(self, model: str) -> int:
-        return int(self.r.zcount(f"k5:workers:{model}", time.time() - self._offline_after(), "+inf"))
+        return int(self.r.zcount(keys.workers(model), time.time() - self._offline_after(), "+inf"))
 
     def announced_spec(self, model: str) -> ModelSpec | None:
-        raw = self.r.get(f"k5:spec:{model}")
+        raw = self.r.get(keys.spec(model))
         return ModelSpec.model_validate_json(raw) if raw else None
 
     def served_spec(self, model: str) -> ModelSpec | None:
@@ -509,17 +307,17 @@ class JobStore:
 
     def served_since(self, model: str) -> int:
         """When a worker first served `model` on this deployment (0: never)."""
-        return int(self.r.get(f"k5:since:{model}") or 0)
+        return int(self.r.get(keys.since(model)) or 0)
 
-    def known_models(self) -> list[ModelSpec]:
+    def known_models(self) -> builtins.list[ModelSpec]:
         """The catalogue, the declared models and every model a worker has announced, announced specs first."""
-        announced = sorted(m.decode() for m in self.r.smembers("k5:models"))
+        announced = sorted(keys.text(m) for m in self.r.smembers(keys.MODELS))
         ids = dict.fromkeys([*announced, *self.settings.served_model_ids, *CATALOGUE])
         specs = [self.announced_spec(m) or find_spec(m) for m in ids]
         return [s for s in specs if s is not None]
 
-    def online_models(self) -> list[ModelSpec]:
-        ids = sorted(m.decode() for m in self.r.smembers("k5:models"))
+    def online_models(self) -> builtins.list[ModelSpec]:
+        ids = sorted(keys.text(m) for m in self.r.smembers(keys.MODELS))
         specs = [self.announced_spec(m) for m in ids if self.workers_online(m) > 0]
         return [s for s in specs if s is not None]
 
@@ -530,15 +328,7 @@ class JobStore:
             if spec.task == "text-to-video":
                 return spec.id
         for model in self.settings.served_model_ids:
-            spec = find_spec(model)
-            if spec and spec.task == "text-to-video":
+            declared = find_spec(model)
+            if declared and declared.task == "text-to-video":
                 return model
         return None
-
-    # -- recovery (service/recovery.py) ----------------------------------------------------------------------
-
-    def terminal_effects(self, pipe: Any, rec: JobRecord) -> None:
-        """Everything a terminal transition does besides writing the record: update() and the owner-checked
-        transitions of service/recovery.py (a run's completion, worker_lost) all go through here."""
-        self._queue_webhooks(pipe, rec)
-        pipe.srem(inflight_key(rec.owner), rec.id)

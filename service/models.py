@@ -134,6 +134,7 @@ CATALOGUE: dict[str, ModelSpec] = {
     ]
 }
 
+_TINY_TASKS: list[tuple[str, Task]] = [("t2v", "text-to-video"), ("i2v", "image-to-video")]
 # The tiny random-weight checkpoints built by `k5serve tiny-model`: real diffusers classes, CPU seconds.
 # Their sizes mirror the published buckets at 1/8 scale; 25 frames is the shortest I2V-safe length (>= 17).
 TINY: dict[str, ModelSpec] = {
@@ -152,7 +153,7 @@ TINY: dict[str, ModelSpec] = {
             shift=10.0,
             description=f"Tiny random-weight Kandinsky 5 {task} model for tests and local development",
         )
-        for short, task in [("t2v", "text-to-video"), ("i2v", "image-to-video")]
+        for short, task in _TINY_TASKS
     ]
 }
 
@@ -200,9 +201,9 @@ def resolve_model(model: str, cache_dir: str | None = None) -> ModelSpec:
             if spec.source.split("/")[-1].lower() == path.name.lower() and not spec_file.is_file():
                 return spec.model_copy(update={"source": str(path)})
         return checkpoints.spec_from_configs(path.name, str(path), checkpoints.local_reader(path))
-    spec = find_spec(model)
-    if spec is not None and spec.id not in TINY:
-        return spec
+    found = find_spec(model)
+    if found is not None and found.id not in TINY:
+        return found
     if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*", model) and model not in TINY:
         return checkpoints.spec_from_configs(model.split("/")[-1], model, checkpoints.hub_reader(model, cache_dir))
     raise UnknownModelError(

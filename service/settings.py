@@ -3,11 +3,23 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlparse
 
-from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BeforeValidator, Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+def _split(value: Any) -> Any:
+    """A comma-separated setting (an environment variable) as its list, parsed once at start-up. Brackets are
+    allowed around it, as in upstream's config files; a list passes through."""
+    if isinstance(value, str):
+        return [v.strip() for v in value.strip().strip("[]").split(",") if v.strip()]
+    return value
+
+
+# A list setting, written comma-separated in its environment variable.
+CommaList = Annotated[list[str], NoDecode, BeforeValidator(_split)]
 
 
 class Settings(BaseSettings):
@@ -37,7 +49,7 @@ class Settings(BaseSettings):
     # The model a request without `model` goes to; unset means the one text-to-video model that is online.
     default_model: str | None = None
     # Comma-separated model ids the gateway accepts even while no worker for them is online (scale-to-zero).
-    served_models: str = ""
+    served_models: CommaList = []
     # Worker device and weight dtype ("auto": cuda + bfloat16 when available, else cpu + float32).
     device: str = "auto"
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
@@ -56,7 +68,7 @@ class Settings(BaseSettings):
 
     # -- access (API keys, limits) --------------------------------------------------------------------------
     # Comma-separated bearer tokens; or a file with one per line (a mounted Secret). Kept hashed in memory.
-    api_keys: str = ""
+    api_keys: CommaList = []
     api_keys_file: Path | None = None
     # Serve without keys when none are configured (local development only; the gateway says so loudly).
     allow_anonymous: bool = False
@@ -72,7 +84,7 @@ class Settings(BaseSettings):
     # Deployment-wide endpoint that receives every event (in addition to a request's webhook_url).
     webhook_url: str | None = None
     # Comma-separated hosts or CIDRs that webhooks may reach even though they are private (tests, in-cluster).
-    webhook_allowed_hosts: str = ""
+    webhook_allowed_hosts: CommaList = []
     # Retry schedule: exponential backoff from webhook_retry_base_s, capped, with jitter, for up to this long.
     webhook_retry_base_s: float = Field(5.0, gt=0)
     webhook_retry_max_s: float = Field(3600.0, gt=0)
@@ -132,7 +144,7 @@ class Settings(BaseSettings):
     step_cache_interval: int = Field(5, ge=1)
     # MagCache ratios, comma-separated cond/uncond pairs as in upstream's configs (magcache.mag_ratios); unset = the
     # model's own (the catalogue ships upstream's for the 50-step checkpoints).
-    step_cache_mag_ratios: str = ""
+    step_cache_mag_ratios: Annotated[list[float], NoDecode, BeforeValidator(_split)] = []
 
     log_level: str = "INFO"
     # "json" for one JSON object per line (production), "text" for people.
@@ -154,7 +166,7 @@ class Settings(BaseSettings):
 
     @property
     def served_model_ids(self) -> list[str]:
-        return [m.strip() for m in self.served_models.split(",") if m.strip()]
+        return self.served_models
 
     @property
     def base_url(self) -> str:

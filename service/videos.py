@@ -13,8 +13,11 @@ from pathlib import Path
 from starlette.concurrency import run_in_threadpool
 
 from service.auth import too_many
+from service.idempotency import IdempotencyKey, replay
 from service.images import decode_data_url, prepare_image
-from service.jobs import INPUT_IMAGE, VARIANTS, JobRecord, JobStore, RequestRejected, asset_key, plan_job
+from service.jobs import INPUT_IMAGE, VARIANTS, JobRecord, JobStore, asset_key, plan_job
+from service.lifecycle import Lifecycle
+from service.problems import Conflict, Gone, InvalidParameter, NotFound, Throttled
 from service.schemas import TERMINAL, VideoCreate
 from service.settings import Settings
 from service.storage import Storage
@@ -23,8 +26,9 @@ from service.webhooks import UnsafeURL, URLPolicy
 log = logging.getLogger(__name__)
 
 
-class NotFound(LookupError):
-    pass
+class VideoNotFound(NotFound):
+    def __init__(self, video_id: str) -> None:
+        super().__init__(f"No video found with id '{video_id}'.", param="video_id", code="video_not_found")
 
 
 def submit(
@@ -43,20 +47,18 @@ def submit(
     """
     model = req.model or store.default_model()
     if model is None:
-        raise RequestRejected(
+        raise NotFound(
             "No model given and no text-to-video model is being served.",
             param="model",
             code="model_not_found",
-            status=404,
         )
     spec = store.served_spec(model)
     if spec is None:
         online = ", ".join(s.id for s in store.online_models()) or "none"
-        raise RequestRejected(
+        raise NotFound(
             f"The model '{model}' is not served by this deployment (online: {online}).",
             param="model",
             code="model_not_found",
-            status=404,
         )
     if req.webhook_url is not None:
         check_webhook_url(req.webhook_url, settings)
@@ -64,33 +66,37 @@ def submit(
         image = decode_data_url(req.input_reference.image_url)
     rec = plan_job(req, spec, has_image=image is not None)
     rec.owner = owner
-    check_capacity(store, settings, owner, spec.id)
+    idem = None
     if idempotency_key is not None:
-        existing = store.claim_idempotency(owner, idempotency_key, fingerprint(req, image), rec.id)
-        if existing is not None:
-            return store.wait_for(existing), True
+        idem = IdempotencyKey(owner, idempotency_key, fingerprint(req, image))
+        # A replay makes no new job: it is answered before any limit, and without storing its image again.
+        if (earlier := replay(store.r, idem)) is not None:
+            return earlier, True
+    check_capacity(store, settings, owner, spec.id)
+    if image is not None:
+        png = prepare_image(
+            image, rec.width, rec.height, max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels
+        )
+        rec.input_key = asset_key(rec.id, INPUT_IMAGE)
+        storage.put_bytes(rec.input_key, png, "image/png")
     try:
-        if image is not None:
-            png = prepare_image(
-                image, rec.width, rec.height, max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels
-            )
-            rec.input_key = asset_key(rec.id, INPUT_IMAGE)
-            storage.put_bytes(rec.input_key, png, "image/png")
-        if not store.create(rec, max_inflight=settings.max_inflight_per_key):
-            if rec.input_key:
-                storage.delete_prefix(rec.id)
-            raise too_many_inflight(settings)
+        made = Lifecycle(store).create(rec, max_inflight=settings.max_inflight_per_key, idem=idem)
     except BaseException:
-        if idempotency_key is not None:
-            store.release_idempotency(owner, idempotency_key)
+        if rec.input_key:
+            storage.delete_prefix(rec.id)
         raise
-    return rec, False
+    if made is None or made.id != rec.id:
+        if rec.input_key:  # no job of this request will read it
+            storage.delete_prefix(rec.id)
+    if made is None:
+        raise too_many_inflight(settings)
+    return made, made.id != rec.id
 
 
 def check_capacity(store: JobStore, settings: Settings, owner: str, model: str) -> None:
     """Backpressure before anything is stored: the key's jobs in flight, and the model's queue.
 
-    The in-flight limit is checked again, atomically, when the job is created (JobStore.create); this early
+    The in-flight limit is checked again, atomically, when the job is created (Lifecycle.create); this early
     check only spares a request that would be refused the image upload. The queue depth is checked here only:
     a burst of concurrent requests can overshoot it by the burst's size, which is fine for a load-shedding cap.
     """
@@ -100,7 +106,7 @@ def check_capacity(store: JobStore, settings: Settings, owner: str, model: str) 
         raise too_many(f"The queue of model {model} is full; retry later.", "queue_full", 30)
 
 
-def too_many_inflight(settings: Settings) -> RequestRejected:
+def too_many_inflight(settings: Settings) -> Throttled:
     return too_many(
         f"You have {settings.max_inflight_per_key} videos queued or in progress; wait for one to finish.",
         "too_many_inflight",
@@ -118,7 +124,7 @@ def fingerprint(req: VideoCreate, image: bytes | None) -> str:
 
 def check_webhook_url(url: str, settings: Settings) -> None:
     if not settings.webhook_secret:
-        raise RequestRejected(
+        raise InvalidParameter(
             "Webhooks are not enabled on this deployment (no signing secret is configured).",
             param="webhook_url",
             code="webhooks_disabled",
@@ -126,28 +132,28 @@ def check_webhook_url(url: str, settings: Settings) -> None:
     try:
         URLPolicy(settings.webhook_allowed_hosts).check(url)
     except UnsafeURL as e:
-        raise RequestRejected(f"Invalid webhook_url: {e}.", param="webhook_url", code="unsafe_webhook_url") from e
+        raise InvalidParameter(f"Invalid webhook_url: {e}.", param="webhook_url", code="unsafe_webhook_url") from e
 
 
 def cancel(store: JobStore, video_id: str, owner: str) -> JobRecord:
     """POST /v1/videos/{id}/cancel: harmless to repeat; a completed video cannot be cancelled."""
     rec = get_owned(store, video_id, owner)
     if rec.status == "completed":
-        raise RequestRejected(
+        raise Conflict(
             f"Video {video_id} is already completed; delete it instead.",
             param="video_id",
             code="video_completed",
-            status=409,
         )
-    return store.cancel(video_id) or store.get(video_id) or rec
+    return Lifecycle(store).cancel(video_id) or store.get(video_id) or rec
 
 
 def delete(store: JobStore, storage: Storage, video_id: str, owner: str) -> None:
     """DELETE /v1/videos/{id}: cancel it if it is still running, then remove its record and its assets."""
     rec = get_owned(store, video_id, owner)
-    store.cancel(video_id)
+    life = Lifecycle(store)
+    life.cancel(video_id)
     storage.delete_prefix(rec.id)
-    store.remove(rec)
+    life.remove(rec)
 
 
 async def events(
@@ -181,7 +187,7 @@ def get_owned(store: JobStore, video_id: str, owner: str) -> JobRecord:
     """The caller's video; another key's video is 'not found' too, so ids reveal nothing."""
     rec = store.get(video_id) if video_id.startswith("video_") else None
     if rec is None or rec.owner != owner:
-        raise NotFound(video_id)
+        raise VideoNotFound(video_id)
     return rec
 
 
@@ -196,35 +202,30 @@ class Content:
 def locate_content(rec: JobRecord, variant: str, storage: Storage) -> Content:
     if rec.status == "failed":
         reason = rec.error.code if rec.error else "failed"
-        raise RequestRejected(
-            f"Video {rec.id} failed ({reason}); it has no content.", param="video_id", code="video_failed", status=409
-        )
+        raise Conflict(f"Video {rec.id} failed ({reason}); it has no content.", param="video_id", code="video_failed")
     if rec.status != "completed":
-        raise RequestRejected(
+        raise Conflict(
             f"Video {rec.id} is {rec.status}; its content is available once it is completed.",
             param="video_id",
             code="video_not_ready",
-            status=409,
         )
     if rec.expires_at is not None and rec.expires_at <= time.time():
-        raise RequestRejected(
+        raise Gone(
             f"The files of video {rec.id} expired at {rec.expires_at} and were deleted.",
             param="video_id",
             code="asset_expired",
-            status=410,
         )
     name, media_type = VARIANTS[variant]
-    key = asset_key(rec.id, name)
+    key = asset_key(rec.asset_prefix, name)
     filename = f"{rec.id}.{name.rsplit('.', 1)[1]}"
     url = storage.presigned_url(key, filename)
     if url is not None:
         return Content(media_type, filename, url=url)
     path = storage.local_path(key)
     if path is None:
-        raise RequestRejected(
+        raise Gone(
             f"The {variant} of video {rec.id} is no longer stored.",
             param="variant",
             code="asset_gone",
-            status=410,
         )
     return Content(media_type, filename, path=path)

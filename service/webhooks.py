@@ -65,8 +65,8 @@ class UnsafeURL(ValueError):
 class URLPolicy:
     """Webhooks go to public addresses only, unless the allowlist (hosts or CIDRs) says otherwise."""
 
-    def __init__(self, allowed: str) -> None:
-        items = [a.strip() for a in allowed.split(",") if a.strip()]
+    def __init__(self, allowed: list[str]) -> None:
+        items = [a.strip() for a in allowed if a.strip()]
         self.hosts: set[str] = set()
         self.networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
         for item in items:
@@ -96,7 +96,7 @@ class URLPolicy:
         except (socket.gaierror, UnicodeError) as e:
             raise UnsafeURL(f"the webhook host {host!r} does not resolve") from e
         for info in infos:
-            ip = ipaddress.ip_address(info[4][0].split("%")[0])
+            ip = ipaddress.ip_address(str(info[4][0]).split("%")[0])
             if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
                 ip = ip.ipv4_mapped
             if any(ip in net for net in self.networks):

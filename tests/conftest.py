@@ -97,6 +97,13 @@ def s3_settings(s3_server, tmp_path) -> Settings:
     return settings
 
 
+def stored(storage: S3Storage, video_id: str) -> list[str]:
+    """Every object stored for a video (its input, every run's files), as keys under the video's prefix."""
+    full = storage._key(video_id) + "/"
+    pages = storage.client.get_paginator("list_objects_v2").paginate(Bucket=storage.bucket, Prefix=full)
+    return sorted(o["Key"][len(full) :] for page in pages for o in page.get("Contents", []))
+
+
 @dataclass
 class Proc:
     name: str
@@ -119,6 +126,11 @@ class Stack:
     procs: list[Proc] = field(default_factory=list)
     api_key: str = API_KEY
     other_api_key: str = OTHER_API_KEY
+
+    @property
+    def storage(self) -> S3Storage:
+        settings = Settings(s3_endpoint_url=self.env["K5_S3_ENDPOINT_URL"], storage_url=self.env["K5_STORAGE_URL"])
+        return S3Storage(BUCKET, "videos", settings)
 
     @property
     def owner(self) -> str:
@@ -219,3 +231,11 @@ def stack(redis_server, s3_server, tiny_models, tmp_path_factory) -> Iterator[St
     finally:
         for p in reversed(st.procs):
             stop_process(p.popen, timeout=20)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test on the session's process stack (gateway, workers, webhook sender) is `slow`, like the tests
+    that start worker processes of their own and mark themselves: `make test-fast` leaves them out."""
+    for item in items:
+        if "stack" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)

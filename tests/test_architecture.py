@@ -1,10 +1,85 @@
 """The import direction is the architecture: the gateway never loads torch/diffusers/worker code, and the
-worker never loads FastAPI."""
+worker never loads FastAPI. Checked twice: on what a process really loads, and on the source, where every import
+counts, also one inside a function (a lazy import runs only on some paths, so loading alone would miss it)."""
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+GPU = {"torch", "diffusers", "transformers", "accelerate", "av", "worker"}
+HTTP = {"fastapi", "starlette", "uvicorn"}
+# The one module of service/ that may import the worker: the command line, whose `worker` command starts one
+# (and whose `tiny-model` command builds the tiny checkpoints).
+COMPOSITION_ROOT = "service.cli"
+
+
+def module_name(path: Path) -> str:
+    rel = path.relative_to(ROOT).with_suffix("")
+    return ".".join(rel.parts[:-1] if rel.name == "__init__" else rel.parts)
+
+
+def imports_of(path: Path) -> set[str]:
+    """Every module an import statement in the file names, top level or nested, absolute names."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+            names |= {f"{node.module}.{a.name}" for a in node.names}
+    return names
+
+
+SOURCES = {module_name(p): imports_of(p) for d in ("service", "worker") for p in (ROOT / d).rglob("*.py")}
+
+
+def top(name: str) -> str:
+    return name.split(".")[0]
+
+
+def reachable(start: str) -> set[str]:
+    """The k5serve modules that `start` imports, directly or through others (by source)."""
+    seen, todo = set(), [start]
+    while todo:
+        mod = todo.pop()
+        if mod in seen or mod not in SOURCES:
+            continue
+        seen.add(mod)
+        todo += [n for n in SOURCES[mod] if n in SOURCES]
+    return seen
+
+
+def test_service_imports_no_gpu_code_but_in_its_composition_root():
+    offenders = {
+        mod: sorted(n for n in names if top(n) in GPU)
+        for mod, names in SOURCES.items()
+        if top(mod) == "service" and mod != COMPOSITION_ROOT
+    }
+    assert {m: n for m, n in offenders.items() if n} == {}
+
+
+def test_the_gateway_reaches_no_gpu_code():
+    # The gateway's own modules must not lead to the worker through the composition root either.
+    for entry in ("service.app", "service.deliverer"):
+        assert COMPOSITION_ROOT not in reachable(entry)
+        assert not {m for m in reachable(entry) if top(m) == "worker"}
+
+
+def test_the_worker_reaches_no_http_framework():
+    modules = set().union(*(reachable(m) for m in SOURCES if top(m) == "worker"))
+    offenders = {m: sorted(n for n in SOURCES[m] if top(n) in HTTP) for m in modules}
+    assert {m: n for m, n in offenders.items() if n} == {}
+
+
+def test_the_rules_catch_a_lazy_import(tmp_path):
+    """The source check sees an import inside a function: the check above could fail."""
+    probe = tmp_path / "probe.py"
+    probe.write_text("def later():\n    import torch\n    from fastapi import FastAPI\n")
+    assert {"torch", "fastapi", "fastapi.FastAPI"} <= imports_of(probe)
 
 
 def loaded_after(statement: str) -> set[str]:
@@ -15,9 +90,24 @@ def loaded_after(statement: str) -> set[str]:
 
 def test_gateway_does_not_import_torch_or_worker():
     mods = loaded_after("from service.app import create_app; from service.cli import main")
-    assert not mods & {"torch", "diffusers", "transformers", "worker", "av"}
+    assert not mods & GPU
 
 
 def test_worker_does_not_import_fastapi():
     mods = loaded_after("import worker.main, worker.runner, worker.pipeline, worker.encode")
-    assert "fastapi" not in mods and "starlette" not in mods
+    assert not mods & HTTP
+
+
+def test_redis_keys_are_named_in_one_module():
+    """service/keys.py names every key family; webhooks.py still spells its three itself, and must agree."""
+    from service import keys, webhooks
+
+    allowed = {ROOT / "service" / "keys.py", ROOT / "service" / "webhooks.py"}
+    inline = [
+        str(p.relative_to(ROOT))
+        for d in ("service", "worker")
+        for p in (ROOT / d).rglob("*.py")
+        if p not in allowed and ('"k5:' in p.read_text() or 'f"k5:' in p.read_text())
+    ]
+    assert inline == []
+    assert webhooks.DUE == keys.WEBHOOKS_DUE and webhooks.delivery_key("d1") == keys.webhook("d1")

@@ -14,6 +14,9 @@ import pytest
 from bench import flops, report
 from bench.configs import transformer_config
 
+# The benchmark scripts, run as real processes on the tiny models.
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -3,7 +3,12 @@ complete none twice, and send exactly one terminal webhook per job."""
 
 from __future__ import annotations
 
+import pytest
+
 from bench.chaos import run_chaos
+
+# Real workers killed at random, and a Redis restart.
+pytestmark = pytest.mark.slow
 
 
 def test_chaos_small():

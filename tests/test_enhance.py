@@ -49,7 +49,7 @@ def test_a_text_encoder_without_its_lm_head_disables_expansion(tiny_models, tmp_
     assert pipeline.enhance_default is False
     assert any(r.getMessage() == "prompt expansion disabled" for r in caplog.records)
     pipeline.generate(request(width=32, height=32, num_frames=5, enhance_prompt=True))
-    assert pipeline.last_stats["enhanced_prompt"] is None
+    assert pipeline.last_stats.enhanced_prompt is None
 
 
 def test_image_to_video_expansion_is_off_without_the_processor(tiny_models, caplog):
@@ -62,7 +62,7 @@ def test_image_to_video_expansion_is_off_without_the_processor(tiny_models, capl
     assert any(r.getMessage() == "prompt expansion disabled" for r in caplog.records)
     # Asked for explicitly, it still does not rewrite the prompt blind to the image.
     i2v.generate(request(image=Image.new("RGB", (64, 64), (200, 80, 40)), enhance_prompt=True))
-    assert i2v.last_stats["enhanced_prompt"] is None
+    assert i2v.last_stats.enhanced_prompt is None
 
 
 class ImageProcessor:

@@ -13,6 +13,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
+from service.lifecycle import Lifecycle
 from tests.conftest import ROOT
 
 schema = schemathesis.openapi.from_path(ROOT / "openapi.yaml")
@@ -24,7 +25,7 @@ def fuzz_stack(stack):
     yield stack
     # Valid random requests became real jobs: cancel what is left so later tests get the workers back.
     for video_id in stack.store.r.zrange(f"k5:videos:{stack.owner}", 0, -1):
-        stack.store.cancel(video_id.decode())
+        Lifecycle(stack.store).cancel(video_id.decode())
 
 
 @schema.parametrize()

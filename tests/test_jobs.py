@@ -1,4 +1,5 @@
-"""Job records move forward only, through one guarded transition; creation and enqueueing are one step."""
+"""Job records move only along the lifecycle's edges and terminal states are final; creation and enqueueing are
+one step; a record written by the previous release still reads."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import pytest
 from rq import Queue
 
 from service.jobs import JobStore, plan_job
+from service.lifecycle import EDGES, Lifecycle, Move, Outcome
 from service.models import TINY
 from service.schemas import VideoCreate
 from service.settings import Settings
@@ -20,7 +22,7 @@ def store(r):
 
 def queued(store: JobStore):
     rec = plan_job(VideoCreate(prompt="a cat", seed=7), TINY["k5-tiny-t2v"], has_image=False)
-    store.create(rec)
+    Lifecycle(store).create(rec)
     return rec
 
 
@@ -33,28 +35,61 @@ def test_create_records_and_enqueues_together(store):
 
 
 def test_transitions_are_forward_only_and_terminal_is_final(store):
+    life = Lifecycle(store)
     rec = queued(store)
-    assert store.update(rec.id, "in_progress", progress=10).progress == 10
+    run = life.start(rec.id, "w", rec.id, progress=10)
+    assert run is not None and store.get(rec.id).status == "in_progress"
     # Progress never goes back.
-    assert store.update(rec.id, progress=5).progress == 10
-    with pytest.raises(ValueError):
-        store.update(rec.id, "queued")
-    done = store.update(rec.id, "completed", progress=100, completed_at=1)
-    assert done.status == "completed" and done.progress == 100
-    # Terminal: nothing changes it any more.
-    assert store.update(rec.id, "failed", error={"code": "x", "message": "y"}) is None
-    assert store.update(rec.id, progress=1) is None
+    assert run.progress(5) is Outcome.DONE and store.get(rec.id).progress == 10
+    assert run.complete(expires_at=2) is Outcome.DONE
+    done = store.get(rec.id)
+    assert done.status == "completed" and done.progress == 100 and done.assets == run.assets
+    # Terminal: nothing changes it any more, and the run that completed it is told FINAL, not lost.
+    assert run.fail("x", "y") is Outcome.FINAL
+    assert run.progress(1) is Outcome.FINAL
+    assert life.cancel(rec.id) is None
+    assert life.start(rec.id, "w2", rec.id) is None
     assert store.get(rec.id).status == "completed"
     assert store.r.ttl(f"k5:video:{rec.id}") > 0
 
 
+def test_every_edge_checks_its_source_state(store):
+    """The table is the whole truth: a move whose source or target is not its edge's is refused."""
+    rec = queued(store)
+    for name, edge in EDGES.items():
+        for status in ("queued", "in_progress", "completed", "failed"):
+            if status in edge.sources:
+                continue
+            move_record = rec.model_copy(update={"status": edge.target})
+            with pytest.raises(ValueError):
+                Lifecycle._check(rec.model_copy(update={"status": status}), Move(name, move_record))
+
+
+def test_a_run_that_lost_its_job_is_told_so_not_that_it_was_cancelled(store):
+    life = Lifecycle(store)
+    rec = queued(store)
+    stale = life.start(rec.id, "frozen", rec.id)
+    assert stale is not None
+    store.r.delete(f"k5:lease:{rec.id}")  # its worker froze past its lease
+    assert life.requeue(rec.id) == (Outcome.DONE, "requeued")
+    rq_id = store.r.hget(f"k5:attempt:{rec.id}", "rq").decode()
+    live = life.start(rec.id, "live", rq_id)
+    assert live is not None and live.complete(expires_at=2) is Outcome.DONE
+    # Completed by another run: the stale run is NOT_OWNER for every move (never FINAL, which means cancelled).
+    assert stale.progress(50) is Outcome.NOT_OWNER
+    assert stale.complete(expires_at=3) is Outcome.NOT_OWNER
+    assert stale.fail("x", "y") is Outcome.NOT_OWNER
+    assert stale.assets != live.assets and store.get(rec.id).assets == live.assets
+
+
 def test_concurrent_updates_lose_nothing(store):
     rec = queued(store)
-    store.update(rec.id, "in_progress")
+    run = Lifecycle(store).start(rec.id, "w", rec.id)
+    assert run is not None
 
     def bump(start: int) -> None:
         for p in range(start, 90, 4):
-            store.update(rec.id, progress=p)
+            run.progress(p)
 
     threads = [threading.Thread(target=bump, args=(s,)) for s in range(4)]
     for t in threads:
@@ -81,3 +116,68 @@ def test_declared_models_are_accepted_without_workers(r):
     spec = store.served_spec("kandinsky-5.0-t2v-lite-distilled16steps-5s")
     assert spec is not None and spec.steps == 16
     assert store.default_model() == "kandinsky-5.0-t2v-lite-distilled16steps-5s"
+
+
+# A record exactly as the previous release (version 1: the stored record was the public Video plus worker fields)
+# wrote it, during a rolling deploy: this release must read it, show it, and run it.
+V1_RECORD = {
+    "id": "video_18ed0000000000000123456789abcdef",
+    "object": "video",
+    "model": "k5-tiny-t2v",
+    "status": "queued",
+    "progress": 0,
+    "created_at": 1764547200,
+    "completed_at": None,
+    "expires_at": None,
+    "prompt": "a cat",
+    "size": "96x64",
+    "seconds": "1",
+    "remixed_from_video_id": None,
+    "error": None,
+    "negative_prompt": None,
+    "seed": 7,
+    "num_inference_steps": 2,
+    "guidance_scale": 1.0,
+    "metadata": {"order": "42"},
+    "enhanced_prompt": None,
+    "queue_position": None,
+    "estimated_completion_at": None,
+    "width": 96,
+    "height": 64,
+    "num_frames": 25,
+    "fps": 24,
+    "task": "text-to-video",
+    "input_key": None,
+    "worker": None,
+    "owner": "anonymous",
+    "webhook_url": None,
+    "enhance_prompt": None,
+    "started_at": None,
+}
+
+
+def test_a_record_of_the_previous_release_reads_and_runs(store):
+    import json
+
+    store.r.set(f"k5:video:{V1_RECORD['id']}", json.dumps(V1_RECORD))
+    rec = store.get(V1_RECORD["id"])
+    assert rec is not None and rec.version == 2 and rec.assets is None and rec.asset_prefix == rec.id
+    video = store.view(rec)
+    assert video.id == rec.id and video.metadata == {"order": "42"} and video.status == "queued"
+    # A field of a newer release is ignored, not an error.
+    store.r.set(f"k5:video:{V1_RECORD['id']}", json.dumps({**V1_RECORD, "version": 3, "shiny": True}))
+    assert store.get(V1_RECORD["id"]).prompt == "a cat"
+    run = Lifecycle(store).start(rec.id, "w", rec.id)
+    assert run is not None and run.complete(expires_at=2) is Outcome.DONE
+    assert store.get(rec.id).public().status == "completed"
+
+
+def test_the_pipeline_runs_what_planning_decided():
+    """One request shape from planning to the pipeline: every planned field arrives, model defaults included."""
+    req = VideoCreate(prompt="a cat", negative_prompt="dogs", seed=11, enhance_prompt=False)
+    rec = plan_job(req, TINY["k5-tiny-t2v"], has_image=False)
+    gen = rec.generation()
+    assert (gen.prompt, gen.negative_prompt, gen.seed, gen.enhance_prompt) == ("a cat", "dogs", 11, False)
+    assert (gen.width, gen.height, gen.num_frames) == (rec.width, rec.height, rec.num_frames) == (96, 64, 25)
+    spec = TINY["k5-tiny-t2v"]
+    assert (gen.num_inference_steps, gen.guidance_scale, gen.image) == (spec.steps, spec.guidance, None)

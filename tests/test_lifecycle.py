@@ -17,7 +17,9 @@ from standardwebhooks import Webhook
 from standardwebhooks.webhooks import WebhookVerificationError
 
 from service.localstack import stop_process
+from service.webhooks import DUE, deliveries_of
 from tests.conftest import WEBHOOK_SECRET, start_service
+from tests.waiting import wait_until
 
 TINY = {"model": "k5-tiny-t2v", "size": "64x64"}
 
@@ -63,6 +65,16 @@ def receiver():
     r.server.shutdown()
 
 
+def settled_delivery(stack, video_id: str, state: str):
+    """The video's one delivery once it reached `state` and is no longer scheduled: no attempt can follow."""
+
+    def settled():
+        (d,) = deliveries_of(stack.store.r, video_id) or (None,)
+        return d if d is not None and d.state == state and stack.store.r.zscore(DUE, d.id) is None else None
+
+    return wait_until(settled, 30, f"delivery of {video_id} {state}")
+
+
 def create(stack, **body) -> dict:
     with stack.client() as c:
         resp = c.post("/v1/videos", json={"prompt": "a heron", **TINY, **body})
@@ -91,7 +103,7 @@ def test_failing_receiver_gets_exactly_one_accepted_delivery(stack, receiver):
     receiver.script = [500, 503, 502]
     video = create(stack, webhook_url=receiver.url())
     calls = receiver.wait_calls(4)
-    time.sleep(1.5)  # would any further attempt come?
+    settled_delivery(stack, video["id"], "delivered")  # no further attempt can come now
     assert [status for _, _, status in receiver.calls] == [500, 503, 502, 200]
     assert len({h["webhook-id"] for h, _, _ in calls}) == 1  # one event, retried
     out = stack_cli(stack, "deliveries", video["id"])
@@ -103,7 +115,7 @@ def test_410_stops_delivery(stack, receiver):
     receiver.script = [410]
     video = create(stack, webhook_url=receiver.url())
     receiver.wait_calls(1)
-    time.sleep(1.5)
+    settled_delivery(stack, video["id"], "gone")  # never retried
     assert len(receiver.calls) == 1
     assert json.loads(stack_cli(stack, "deliveries", video["id"]))["state"] == "gone"
 
@@ -142,8 +154,10 @@ def test_delivery_survives_a_restart_of_the_webhook_process(stack, receiver):
     try:
         video = create(stack, webhook_url=receiver.url())
         assert stack.wait(video["id"])["status"] == "completed"
-        time.sleep(0.5)
-        assert receiver.calls == []  # nobody delivers while the process is down...
+        # Nobody delivers while the process is down: the event waits, due, never attempted...
+        (pending,) = deliveries_of(stack.store.r, video["id"])
+        assert pending.state == "pending" and pending.attempts == 0 and stack.store.r.zscore(DUE, pending.id)
+        assert receiver.calls == []
     finally:
         stack.procs.remove(proc)
         stack.procs.append(start_service("webhooks", stack.env, proc.log.parent, "webhooks"))

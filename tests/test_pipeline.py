@@ -66,9 +66,9 @@ def test_cached_embeddings_give_identical_frames(t2v):
     req = request()
     reference = plain_diffusers(t2v.pipe, req)
     first = t2v.generate(req)
-    assert t2v.last_stats["text_cache_hit"] is False
+    assert t2v.last_stats.text_cache_hit is False
     second = t2v.generate(req)
-    assert t2v.last_stats["text_cache_hit"] is True
+    assert t2v.last_stats.text_cache_hit is True
     assert np.array_equal(first, reference) and np.array_equal(second, reference)
 
     # A request's own negative prompt goes through the same cache, also byte-identical.
@@ -123,7 +123,7 @@ def test_enhance_prompt_runs_bounded_and_cached(t2v_spec, monkeypatch):
     pipeline = VideoPipeline.load(Settings(enhance_max_new_tokens=8), t2v_spec)
     assert pipeline.enhance_default is False  # "auto": the tiny model's expansion is noise
     pipeline.generate(request())
-    assert pipeline.last_stats["enhanced_prompt"] is None
+    assert pipeline.last_stats.enhanced_prompt is None
 
     qwen = pipeline.pipe.text_encoder
     real_generate = qwen.generate
@@ -136,13 +136,13 @@ def test_enhance_prompt_runs_bounded_and_cached(t2v_spec, monkeypatch):
 
     monkeypatch.setattr(qwen, "generate", recording_generate)
     frames = pipeline.generate(request(enhance_prompt=True))
-    enhanced = pipeline.last_stats["enhanced_prompt"]
+    enhanced = pipeline.last_stats.enhanced_prompt
     assert isinstance(enhanced, str) and enhanced
     assert new_tokens and 0 < new_tokens[0] <= 8
-    assert pipeline.last_stats["enhance_s"] > 0
+    assert pipeline.last_stats.enhance_s > 0
     # Greedy decoding: the same prompt expands the same way, so the second job reuses it and its frames.
     assert np.array_equal(pipeline.generate(request(enhance_prompt=True)), frames)
-    assert pipeline.last_stats["enhanced_prompt"] == enhanced and len(new_tokens) == 1
+    assert pipeline.last_stats.enhanced_prompt == enhanced and len(new_tokens) == 1
 
     on = VideoPipeline.load(Settings(enhance_prompt="on", enhance_max_new_tokens=4), t2v_spec)
     assert on.enhance_default is True
@@ -189,12 +189,13 @@ def test_flex_backend_matches_default(t2v, t2v_spec):
 def test_last_stats_are_filled(t2v):
     t2v.generate(request())
     stats = t2v.last_stats
-    for key in ("text_encode_s", "denoise_s", "decode_s", "step_s"):
-        assert isinstance(stats[key], float) and stats[key] >= 0, key
-    assert stats["steps"] == STEPS
-    assert stats["step_s"] == pytest.approx(stats["denoise_s"] / STEPS)
-    assert stats["peak_gpu_memory_bytes"] is None  # CPU
-    assert stats["enhanced_prompt"] is None
+    assert stats is not None
+    for seconds in (stats.text_encode_s, stats.denoise_s, stats.decode_s, stats.step_s):
+        assert isinstance(seconds, float) and seconds >= 0
+    assert stats.steps == STEPS
+    assert stats.step_s == pytest.approx(stats.denoise_s / STEPS)
+    assert stats.peak_gpu_memory_bytes is None  # CPU
+    assert stats.enhanced_prompt is None
 
 
 def test_raising_from_on_step_aborts_and_pipeline_stays_usable(t2v):

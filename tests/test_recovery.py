@@ -22,13 +22,16 @@ from rq.job import Job
 from service import storage as storage_mod
 from service.app import create_app
 from service.jobs import JobStore, connect_redis, plan_job
+from service.keys import EXPIRY, RUNNING
+from service.keys import lease as lease_key
+from service.lifecycle import Lifecycle, Outcome
 from service.localstack import RedisServer, free_port, stop_process
 from service.models import resolve_model
-from service.recovery import EXPIRY, RUNNING, Leases, NotOwner, lease_key
+from service.recovery import Recovery
 from service.schemas import VideoCreate
 from service.settings import Settings
 from service.storage import open_storage
-from tests.conftest import ROOT, WEBHOOK_SECRET
+from tests.conftest import ROOT, WEBHOOK_SECRET, stored
 from worker import runner
 from worker.main import EXIT_DEVICE_LOST, RecoveringWorker
 from worker.pipeline import VideoPipeline
@@ -58,7 +61,7 @@ def settings(s3_settings) -> Settings:
 def new_job(store: JobStore, spec, steps: int = 3, seconds: str | None = None):
     req = VideoCreate(prompt="a lighthouse", num_inference_steps=steps, seconds=seconds)
     rec = plan_job(req, spec, has_image=False)
-    store.create(rec)
+    Lifecycle(store).create(rec)
     return rec
 
 
@@ -77,53 +80,54 @@ def terminal_events(r: redis.Redis, video_id: str) -> int:
 def test_dead_worker_job_is_requeued_then_fails_worker_lost(r, settings, t2v):
     spec, _ = t2v
     store = JobStore(r, settings)
-    leases = Leases(store)
+    life, recovery = Lifecycle(store), Recovery(store)
     rec = new_job(store, spec)
     queue = Queue(spec.id, connection=r)
 
     for attempt in (1, 2):
         rq_id = queue.job_ids[0]
         queue.remove(rq_id)  # a worker popped it ...
-        started = leases.start(rec.id, f"dead-{attempt}", rq_id, progress=30)
-        assert started is not None and started[0].status == "in_progress"
+        started = life.start(rec.id, f"dead-{attempt}", rq_id, progress=30)
+        assert started is not None and started.record.status == "in_progress"
         # ... a second start of the same job (a duplicate RQ entry) is refused while it runs
-        assert leases.start(rec.id, "other", rq_id) is None
+        assert life.start(rec.id, "other", rq_id) is None
         lapse(r, rec.id)  # ... and died
-        assert leases.reap() == {"requeued" if attempt == 1 else "failed": 1}
-        assert leases.attempts(rec.id) == attempt
+        assert recovery.reap() == {"requeued" if attempt == 1 else "failed": 1}
+        assert life.attempts(rec.id) == attempt
         if attempt == 1:
             back = store.get(rec.id)
             assert back.status == "queued" and back.progress == 0 and back.worker is None
             assert len(queue.job_ids) == 1 and queue.fetch_job(queue.job_ids[0]).args == (rec.id,)
-            # The dead run's token is worthless now: it cannot complete the job.
-            with pytest.raises(NotOwner):
-                leases.update(rec.id, started[1], "completed", progress=100)
+            # The dead run's token is worthless now: it cannot complete the job, and knows it lost it.
+            assert started.complete(expires_at=1) is Outcome.NOT_OWNER
 
     final = store.get(rec.id)
     assert final.status == "failed" and final.error.code == "worker_lost"
     assert not r.sismember(RUNNING, rec.id)
     assert terminal_events(r, rec.id) == 1
-    assert leases.reap() == {}
+    assert recovery.reap() == {}
 
 
 def test_stale_run_cannot_complete_and_new_owner_completes_once(r, settings, t2v):
     spec, pipeline = t2v
     store, storage = JobStore(r, settings), open_storage(settings)
-    leases = Leases(store)
+    life = Lifecycle(store)
     rec = new_job(store, spec)
     queue = Queue(spec.id, connection=r)
     queue.remove(rec.id)
-    _, stale = leases.start(rec.id, "frozen", rec.id)
+    stale = life.start(rec.id, "frozen", rec.id)
+    assert stale is not None
     lapse(r, rec.id)
-    assert leases.reap() == {"requeued": 1}
+    assert Recovery(store).reap() == {"requeued": 1}
     # The frozen worker wakes up: its heartbeat cannot re-arm a lease over a requeued job.
-    assert leases.refresh(rec.id, stale) is False
+    assert stale.refresh() is False
 
     runner.configure(runner.WorkerContext(store, storage, pipeline, "live", 3600))
     SimpleWorker([queue], connection=r).work(burst=True)
     done = store.get(rec.id)
-    assert done.status == "completed" and done.worker == "live" and leases.attempts(rec.id) == 2
-    assert leases.update(rec.id, stale, "completed") is None  # final: nothing moves it
+    assert done.status == "completed" and done.worker == "live" and life.attempts(rec.id) == 2
+    assert stale.complete(expires_at=1) is Outcome.NOT_OWNER  # nothing moves it, and the stale run is told why
+    assert stored(storage, rec.id) == sorted(f"{done.assets.split('/', 1)[1]}/{a}" for a in ASSETS)
     assert terminal_events(r, rec.id) == 1
     assert r.zscore(EXPIRY, rec.id) == done.expires_at
 
@@ -183,7 +187,7 @@ def test_device_error_exits_the_worker_and_requeues_the_job(r, settings, t2v):
     # Not failed: the job is the device's victim. Its lease is already dropped, so the next pass requeues it.
     assert store.get(lost.id).status == "in_progress"
     assert store.get(waiting.id).status == "queued"
-    assert Leases(store).reap() == {"requeued": 1}
+    assert Recovery(store).reap() == {"requeued": 1}
     assert queue.job_ids[0].startswith(lost.id)  # requeued at the front
 
 
@@ -206,12 +210,13 @@ def test_upload_retries_then_fails_with_storage_error_and_leaves_nothing(r, sett
     retried, broken = new_job(store, spec), new_job(store, spec)
     SimpleWorker([Queue(spec.id, connection=r)], connection=r).work(burst=True)
 
-    assert store.get(retried.id).status == "completed"
-    assert all(storage.exists(f"{retried.id}/{a}") for a in ASSETS)
+    done = store.get(retried.id)
+    assert done.status == "completed"
+    assert all(storage.exists(f"{done.assets}/{a}") for a in ASSETS)
     failed = store.get(broken.id)
     assert failed.status == "failed" and failed.error.code == "storage_error"
-    assert sum(k.endswith(f"{broken.id}/video.mp4") for k in calls) == storage_mod.UPLOAD_ATTEMPTS
-    assert not any(storage.exists(f"{broken.id}/{a}") for a in ASSETS)  # thumbnail and spritesheet removed
+    assert sum(broken.id in k and k.endswith("/video.mp4") for k in calls) == storage_mod.UPLOAD_ATTEMPTS
+    assert stored(storage, broken.id) == []  # thumbnail and spritesheet removed
 
 
 def test_expired_assets_are_swept(r, settings, t2v):
@@ -221,11 +226,11 @@ def test_expired_assets_are_swept(r, settings, t2v):
     rec = new_job(store, spec)
     SimpleWorker([Queue(spec.id, connection=r)], connection=r).work(burst=True)
     done = store.get(rec.id)
-    leases = Leases(store)
-    assert leases.sweep_expired(storage, now=done.expires_at - 1) == 0
-    assert storage.exists(f"{rec.id}/video.mp4")
-    assert leases.sweep_expired(storage, now=done.expires_at + 1) == 1
-    assert not any(storage.exists(f"{rec.id}/{a}") for a in ASSETS)
+    recovery = Recovery(store)
+    assert recovery.sweep_expired(storage, now=done.expires_at - 1) == 0
+    assert storage.exists(f"{done.assets}/video.mp4")
+    assert recovery.sweep_expired(storage, now=done.expires_at + 1) == 1
+    assert stored(storage, rec.id) == []
     assert r.zcard(EXPIRY) == 0
 
 
@@ -251,7 +256,7 @@ Dying([Queue(sys.argv[3], connection=conn)], connection=conn).work(burst=True)
 def test_job_whose_worker_died_before_starting_it_is_redelivered(r, redis_server, settings, t2v, dies):
     spec, pipeline = t2v
     store, storage = JobStore(r, settings), open_storage(settings)
-    leases = Leases(store)
+    recovery, life = Recovery(store), Lifecycle(store)
     rec = new_job(store, spec)
     queue = Queue(spec.id, connection=r)
     url = redis_server.url.replace("/0", "/1")
@@ -263,34 +268,35 @@ def test_job_whose_worker_died_before_starting_it_is_redelivered(r, redis_server
         # RQ's own maintenance, later, files the execution as abandoned in its failed registry.
         queue.started_job_registry.cleanup(timestamp=time.time() + 86400)
         assert rec.id in queue.failed_job_registry.get_job_ids(cleanup=False)
-        assert leases.redeliver() == 1
+        assert recovery.redeliver() == 1
     else:
         # A live worker starts its job within milliseconds: within a lease period it is left alone.
-        assert leases.redeliver() == 0 and queue.count == 0
-        assert leases.redeliver(now=time.time() + 1) == 1
-    assert leases.redeliver(now=time.time() + 1) == 0  # once
+        assert recovery.redeliver() == 0 and queue.count == 0
+        assert recovery.redeliver(now=time.time() + 1) == 1
+    assert recovery.redeliver(now=time.time() + 1) == 0  # once
     assert queue.count == 1 and queue.job_ids[0] != rec.id
     # The dead worker's RQ job may not start the video any more, should that worker only have been frozen.
-    assert leases.start(rec.id, "frozen", rec.id) is None
+    assert life.start(rec.id, "frozen", rec.id) is None
 
     runner.configure(runner.WorkerContext(store, storage, pipeline, "live", 3600))
     SimpleWorker([queue], connection=r).work(burst=True)
     done = store.get(rec.id)
-    assert done.status == "completed" and leases.attempts(rec.id) == 2  # the lost delivery counts
+    assert done.status == "completed" and life.attempts(rec.id) == 2  # the lost delivery counts
     assert terminal_events(r, rec.id) == 1
 
 
 def test_a_job_that_never_starts_ends_worker_lost_and_cancel_clears_its_redelivery(r, redis_server, settings, t2v):
     spec, _ = t2v
-    store, leases = JobStore(r, settings), Leases(JobStore(r, settings))
+    store = JobStore(r, settings)
+    recovery, life = Recovery(store), Lifecycle(store)
     queue = Queue(spec.id, connection=r)
     url = redis_server.url.replace("/0", "/1")
 
     def lose_delivery() -> None:
         died = subprocess.run([sys.executable, "-c", DIE_AFTER, url, "dequeue", spec.id], cwd=ROOT, timeout=60)
         assert died.returncode == -signal.SIGKILL
-        assert leases.redeliver() == 0
-        assert leases.redeliver(now=time.time() + 1) == 1
+        assert recovery.redeliver() == 0
+        assert recovery.redeliver(now=time.time() + 1) == 1
 
     # Every worker that takes it dies before it starts: after max_attempts (2 here) it fails instead of cycling.
     doomed = new_job(store, spec)
@@ -298,7 +304,7 @@ def test_a_job_that_never_starts_ends_worker_lost_and_cancel_clears_its_redelive
     assert store.get(doomed.id).status == "queued" and queue.count == 1
     lose_delivery()
     failed = store.get(doomed.id)
-    assert failed.status == "failed" and failed.error.code == "worker_lost" and leases.attempts(doomed.id) == 2
+    assert failed.status == "failed" and failed.error.code == "worker_lost" and life.attempts(doomed.id) == 2
     assert queue.count == 0 and terminal_events(r, doomed.id) == 1
 
     # A cancel takes the video's current RQ job off the queue, whatever its id is now.
@@ -306,7 +312,7 @@ def test_a_job_that_never_starts_ends_worker_lost_and_cancel_clears_its_redelive
     lose_delivery()
     rq_id = queue.job_ids[0]
     assert rq_id.startswith(f"{waiting.id}-r")
-    store.cancel(waiting.id)
+    life.cancel(waiting.id)
     assert queue.count == 0 and not r.exists(Job.key_for(rq_id))
 
 
@@ -317,13 +323,13 @@ def test_one_bad_entry_does_not_stop_the_janitor(r, settings, t2v):
     rec = new_job(store, spec)
     queue = Queue(spec.id, connection=r)
     SimpleWorker([queue], connection=r).work(burst=True)
-    assert storage.exists(f"{rec.id}/video.mp4")
+    assert storage.exists(f"{store.get(rec.id).assets}/video.mp4")
     # A record this version cannot read, whose RQ job a worker took: the redelivery check fails on it ...
     r.set("k5:video:video_unreadable", "{not json")
     r.rpush(queue.intermediate_queue_key, "video_unreadable")
-    Leases(store).janitor(storage, "test")
+    Recovery(store).janitor(storage, "test")
     # ... and the expiry sweep after it still runs.
-    assert not storage.exists(f"{rec.id}/video.mp4") and r.zcard(EXPIRY) == 0
+    assert stored(storage, rec.id) == [] and r.zcard(EXPIRY) == 0
 
 
 def test_gateway_reaps_when_no_worker_is_left(r, redis_server, settings, t2v):
@@ -334,11 +340,11 @@ def test_gateway_reaps_when_no_worker_is_left(r, redis_server, settings, t2v):
     rec = new_job(store, spec)
     queue = Queue(spec.id, connection=r)
     queue.remove(rec.id)
-    assert Leases(store).start(rec.id, "dead", rec.id) is not None
+    assert Lifecycle(store).start(rec.id, "dead", rec.id) is not None
     gateway = settings.model_copy(update={"redis_url": redis_server.url.replace("/0", "/1"), "allow_anonymous": True})
     with TestClient(create_app(gateway)):
         wait_until(lambda: store.get(rec.id).status == "queued", 10, "the gateway requeued the job")
-    assert queue.count == 1 and Leases(store).attempts(rec.id) == 1
+    assert queue.count == 1 and Lifecycle(store).attempts(rec.id) == 1
 
 
 # -- real worker processes ------------------------------------------------------------------------------------
@@ -377,6 +383,7 @@ def worker_env(s3_server, s3_settings, tiny_models) -> dict[str, str]:
     }
 
 
+@pytest.mark.slow
 def test_sigterm_requeues_after_grace_or_finishes_within_it(redis_server, worker_env, t2v, tmp_path):
     spec, _ = t2v
     url = redis_server.url.replace("/0", "/2")  # a database of its own: no other worker takes these jobs
@@ -397,7 +404,7 @@ def test_sigterm_requeues_after_grace_or_finishes_within_it(redis_server, worker
         assert procs[0].wait(30) == 0
         back = store.get(slow.id)
         assert back.status == "queued" and back.progress == 0, back
-        assert Leases(store).attempts(slow.id) == 0  # a shutdown is not a failed attempt
+        assert Lifecycle(store).attempts(slow.id) == 0  # a shutdown is not a failed attempt
         assert "job requeued on shutdown" in log.read_text()
 
         # A worker with a long grace: SIGTERM mid-job lets the job finish, then the worker exits.
@@ -413,6 +420,7 @@ def test_sigterm_requeues_after_grace_or_finishes_within_it(redis_server, worker
         r.flushdb()
 
 
+@pytest.mark.slow
 def test_worker_survives_a_redis_restart(worker_env, t2v, tmp_path):
     spec, _ = t2v
     server = RedisServer(tmp_path / "redis", appendonly=True).start()
@@ -432,7 +440,8 @@ def test_worker_survives_a_redis_restart(worker_env, t2v, tmp_path):
         assert server.proc is not None
         server.proc.kill()  # the hard way: only the fsynced AOF survives
         server.proc.wait(10)
-        time.sleep(3)
+        # The worker meets the outage (its heartbeat fails) and stays up.
+        wait_until(lambda: "heartbeat failed" in log.read_text(), 30, "the worker saw Redis go away", log)
         assert proc.poll() is None
         server.start()
 

@@ -16,6 +16,7 @@ from rq import Queue
 
 from service.app import create_app
 from service.jobs import JobStore
+from service.lifecycle import Lifecycle, Outcome
 from service.models import TINY
 from service.settings import Settings
 
@@ -303,7 +304,7 @@ def test_oversized_body_is_413(client):
 def test_expired_content_is_410(client):
     video = client.post("/v1/videos", json={"prompt": "old"}).json()
     store = client.store
-    store.update(video["id"], "in_progress")
-    store.update(video["id"], "completed", progress=100, completed_at=1, expires_at=2)
+    run = Lifecycle(store).start(video["id"], "w", video["id"])
+    assert run is not None and run.complete(expires_at=2) is Outcome.DONE
     resp = client.get(f"/v1/videos/{video['id']}/content")
     assert resp.status_code == 410 and resp.json()["error"]["code"] == "asset_expired"

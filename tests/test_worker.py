@@ -9,9 +9,11 @@ import pytest
 from rq import Queue, SimpleWorker
 
 from service.jobs import JobStore, plan_job
+from service.lifecycle import Lifecycle
 from service.models import resolve_model
 from service.schemas import VideoCreate
 from service.storage import open_storage
+from tests.conftest import stored
 from worker import runner
 from worker.pipeline import VideoPipeline
 
@@ -46,8 +48,8 @@ def test_failed_generation_then_next_job_completes(r, s3_settings, t2v):
     runner.configure(runner.WorkerContext(store, storage, FailsOnStep3OfFirstJob(pipeline), "test-worker", 3600))
     first = plan_job(VideoCreate(prompt="a cat", num_inference_steps=5), spec, has_image=False)
     second = plan_job(VideoCreate(prompt="a dog", num_inference_steps=5), spec, has_image=False)
-    store.create(first)
-    store.create(second)
+    Lifecycle(store).create(first)
+    Lifecycle(store).create(second)
 
     SimpleWorker([Queue(spec.id, connection=r)], connection=r).work(burst=True)
 
@@ -55,10 +57,11 @@ def test_failed_generation_then_next_job_completes(r, s3_settings, t2v):
     assert failed.status == "failed"
     assert failed.error.code == "generation_error" and "step 3" in failed.error.message
     assert failed.completed_at is None
-    assert not storage.exists(f"{first.id}/video.mp4")
+    assert stored(storage, first.id) == []
     done = store.get(second.id)
     assert done.status == "completed" and done.progress == 100
-    assert storage.exists(f"{second.id}/video.mp4") and storage.exists(f"{second.id}/thumbnail.webp")
+    prefix = done.assets.removeprefix(f"{second.id}/")
+    assert stored(storage, second.id) == [f"{prefix}/{n}" for n in ("spritesheet.jpg", "thumbnail.webp", "video.mp4")]
 
 
 def test_cancelled_or_missing_record_is_skipped(r, s3_settings, t2v):
@@ -66,8 +69,8 @@ def test_cancelled_or_missing_record_is_skipped(r, s3_settings, t2v):
     store, storage = JobStore(r, s3_settings), open_storage(s3_settings)
     runner.configure(runner.WorkerContext(store, storage, pipeline, "test-worker", 3600))
     rec = plan_job(VideoCreate(prompt="a cat"), spec, has_image=False)
-    store.create(rec)
-    store.update(rec.id, "failed", error={"code": "cancelled", "message": "cancelled by the client"})
+    Lifecycle(store).create(rec)
+    Lifecycle(store).cancel(rec.id)
     SimpleWorker([Queue(spec.id, connection=r)], connection=r).work(burst=True)
     assert store.get(rec.id).error.code == "cancelled"
-    assert not storage.exists(f"{rec.id}/video.mp4")
+    assert stored(storage, rec.id) == []

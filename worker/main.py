@@ -22,7 +22,7 @@ from rq.worker.base import StopRequested
 from service import metrics
 from service.jobs import JobStore, connect_redis
 from service.models import TINY, UnknownModelError, resolve_model
-from service.recovery import Leases
+from service.recovery import Recovery
 from service.settings import Settings
 from service.storage import Storage, open_storage
 from worker import runner
@@ -46,7 +46,7 @@ class Heartbeat(threading.Thread):
     ) -> None:
         super().__init__(name="k5-heartbeat", daemon=True)
         self.store, self.spec, self.worker_name, self.interval = store, spec, name, interval
-        self.ctx, self.storage, self.leases = ctx, storage, Leases(store)
+        self.ctx, self.storage, self.recovery = ctx, storage, Recovery(store)
         self.stopped = threading.Event()
 
     def run(self) -> None:
@@ -54,12 +54,12 @@ class Heartbeat(threading.Thread):
             # Separate tries: a failing janitor pass must never cost the running job its lease.
             try:
                 if (current := self.ctx.current) is not None:
-                    self.leases.refresh(*current)
+                    current.refresh()
                 self.store.announce(self.spec, self.worker_name)
             except Exception:  # Redis may be away for a while; keep beating
                 log.warning("heartbeat failed", exc_info=True)
             try:
-                self.leases.janitor(self.storage, self.worker_name)
+                self.recovery.janitor(self.storage, self.worker_name)
             except Exception:
                 log.warning("janitor pass failed", exc_info=True)
 

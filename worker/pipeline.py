@@ -14,7 +14,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -22,9 +21,11 @@ from PIL import Image
 
 from service import metrics
 from service.models import TINY, ModelSpec, parse_size
+from service.record import GenerationRequest
 from service.settings import Settings
 from worker import attention, enhance, loader, sampling, speed
-from worker.stepcache import StepCacher, parse_mag_ratios
+from worker.stats import GenerationStats
+from worker.stepcache import StepCacher
 from worker.textcache import DEFAULT_NEGATIVE_PROMPT, LRU, Placement, PromptEmbeds, TextEncoders
 
 log = logging.getLogger(__name__)
@@ -34,21 +35,6 @@ _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torc
 
 class GenerationError(RuntimeError):
     """The pipeline ran but its output is unusable (NaN/Inf frames)."""
-
-
-@dataclass
-class GenerationRequest:
-    prompt: str
-    width: int
-    height: int
-    num_frames: int
-    num_inference_steps: int
-    guidance_scale: float
-    seed: int
-    negative_prompt: str | None = None
-    image: Image.Image | None = None
-    # Rewrite the prompt with Qwen2.5-VL first, as upstream does; None = the worker's default (settings).
-    enhance_prompt: bool | None = None
 
 
 # Called with (steps done, total steps): once with 0 when the text phase is over, then after every denoising step.
@@ -85,7 +71,7 @@ class VideoPipeline:
         self.spec = spec
         self.device = device
         self.settings = settings
-        self.last_stats: dict = {}
+        self.last_stats: GenerationStats | None = None
         self.warmed: list[tuple[int, int, int]] = []
         self._busy = threading.Lock()
         transformer = pipe.transformer
@@ -128,7 +114,7 @@ class VideoPipeline:
             settings.step_cache,
             settings.step_cache_threshold or self.spec.mag_threshold,
             settings.step_cache_interval,
-            parse_mag_ratios(settings.step_cache_mag_ratios) or self.spec.mag_ratios,
+            settings.step_cache_mag_ratios or self.spec.mag_ratios,
         )
         # Before compiling: the grid, the fp32 timestep hook and the prompt template (worker/sampling.py).
         self.sampling = sampling.Sampling(
@@ -204,7 +190,7 @@ class VideoPipeline:
     def _generate(
         self, req: GenerationRequest, on_step: StepCallback | None, decode: bool
     ) -> np.ndarray | torch.Tensor:
-        self.last_stats = {}
+        self.last_stats = None
         cuda = self.device.type == "cuda"
         if cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -259,18 +245,18 @@ class VideoPipeline:
         t_end = time.perf_counter()
         last_step = step_ends[-1] if step_ends else t_end
         steps = len(step_ends)
-        self.last_stats = {
-            "text_encode_s": t_text - t0,
-            "enhance_s": t_enhanced - t0 if enhanced is not None else 0.0,
-            "text_cache_hit": hit,
-            "denoise_s": last_step - t_start,
-            "decode_s": t_end - last_step,
-            "steps": steps,
-            "step_s": (last_step - t_start) / steps if steps else None,
-            "peak_gpu_memory_bytes": torch.cuda.max_memory_allocated(self.device) if cuda else None,
-            "enhanced_prompt": enhanced,
-            "vae_tiling": tiling,
-        }
+        self.last_stats = GenerationStats(
+            text_encode_s=t_text - t0,
+            enhance_s=t_enhanced - t0 if enhanced is not None else 0.0,
+            text_cache_hit=hit,
+            denoise_s=last_step - t_start,
+            decode_s=t_end - last_step,
+            steps=steps,
+            step_s=(last_step - t_start) / steps if steps else None,
+            peak_gpu_memory_bytes=torch.cuda.max_memory_allocated(self.device) if cuda else None,
+            enhanced_prompt=enhanced,
+            vae_tiling=tiling,
+        )
         return video
 
     def _count_recompiles(self) -> None:

@@ -3,9 +3,10 @@
 `run_job` is what RQ calls (by name, so the gateway never imports this module). It runs inside the worker
 process that holds the warm pipeline, set once by `configure`.
 
-Every run holds a lease on its job (service/recovery.py): its writes are checked against its owner token, so a
-run whose worker was presumed dead and whose job was requeued cannot complete it. A run that cannot settle its
-job (Redis went away, the process dies) leaves the record in_progress: its lease lapses and the reaper requeues.
+Every run holds a lease on its job (service/lifecycle.py): its writes are checked against its run token first, so
+a run whose worker was presumed dead and whose job was requeued learns that it lost the job, and cannot complete
+it. A run stores its files under a prefix of its own and deletes only that. A run that cannot settle its job
+(Redis went away, the process dies) leaves the record in_progress: its lease lapses and the janitor requeues.
 """
 
 from __future__ import annotations
@@ -22,11 +23,12 @@ import redis
 from PIL import Image
 
 from service import metrics
-from service.jobs import VARIANTS, JobRecord, JobStore, asset_key
-from service.recovery import Leases, NotOwner
+from service.jobs import VARIANTS, JobStore, asset_key
+from service.lifecycle import Lifecycle, Outcome, Run
 from service.storage import Storage, StorageError
 from worker import encode
-from worker.pipeline import GenerationError, GenerationRequest, VideoPipeline
+from worker.pipeline import GenerationError, VideoPipeline
+from worker.stats import GenerationStats
 
 log = logging.getLogger(__name__)
 
@@ -34,12 +36,12 @@ log = logging.getLogger(__name__)
 PHASE = {"text_encode": 1, "denoise": 5, "decode": 90, "encode": 93, "upload": 97}
 
 
-class JobCancelled(Exception):
-    """The job's record became final (cancelled or deleted) while it ran."""
+class Stopped(Exception):
+    """The run may not go on: its job became final or was deleted (cancelled), or another run owns it (lost)."""
 
-
-class JobLost(Exception):
-    """Another run owns the job now (this worker's lease lapsed and the job was requeued)."""
+    def __init__(self, outcome: Outcome) -> None:
+        super().__init__(outcome.value)
+        self.outcome = outcome
 
 
 class StopForShutdown(Exception):
@@ -59,14 +61,14 @@ class WorkerContext:
     asset_ttl_s: int
     # Set when the shutdown grace period is over: the running job stops at its next step and is requeued.
     stop: threading.Event = field(default_factory=threading.Event)
-    # The run in progress, (video id, owner token), for the heartbeat thread to keep its lease alive.
-    current: tuple[str, str] | None = None
+    # The run in progress, for the heartbeat thread to keep its lease alive.
+    current: Run | None = None
     # An unrecoverable device error seen by a job: the worker loop exits non-zero after it.
     fatal: BaseException | None = None
 
     @property
-    def leases(self) -> Leases:
-        return Leases(self.store)
+    def lifecycle(self) -> Lifecycle:
+        return Lifecycle(self.store)
 
 
 _ctx: WorkerContext | None = None
@@ -92,40 +94,38 @@ class JobRun:
         self.ctx = ctx
         self.video_id = video_id
         self.rq_job_id = rq_job_id or video_id
-        self.leases = ctx.leases
-        self.token = ""
         self.uploading = False
         self.log = logging.LoggerAdapter(log, {"video_id": video_id})
 
     def run(self) -> None:
         started = time.time()
-        claimed = self.leases.start(
+        run = self.ctx.lifecycle.start(
             self.video_id, self.ctx.worker_name, self.rq_job_id, progress=PHASE["text_encode"], started_at=started
         )
-        if claimed is None:
+        if run is None:
             self.log.info("job skipped: record gone, final, or running elsewhere")
             return
-        rec, self.token = claimed
-        self.ctx.current = (self.video_id, self.token)
+        self.ctx.current = run
+        rec = run.record
         model = rec.model
         metrics.PHASE_SECONDS.labels(model, "queue_wait").observe(max(0.0, started - rec.created_at))
         t0 = time.perf_counter()
         # False while the job may still be in_progress under this run: then the lease, not this run, settles it.
         settled = True
         try:
-            self._run(rec)
-        except JobCancelled:
-            self.log.info("job cancelled while running", extra={"seconds": round(time.perf_counter() - t0, 3)})
-            metrics.JOBS.labels(model, "cancelled").inc()
-            self.ctx.pipeline.release_memory()
-            return
-        except JobLost:
-            # Not ours any more: touch neither the record nor the stored files (the new owner writes them).
-            self.log.warning("job lost: another run owns it now")
+            self._run(run)
+        except Stopped as stop:
+            # Whatever this run stored is nobody's: the job is final, gone, or another run stores its own files.
+            self._delete_own(run)
+            if stop.outcome is Outcome.NOT_OWNER:
+                self.log.warning("job lost: another run owns it now")
+            else:
+                self.log.info("job cancelled while running", extra={"seconds": round(time.perf_counter() - t0, 3)})
+                metrics.JOBS.labels(model, "cancelled").inc()
             self.ctx.pipeline.release_memory()
             return
         except StopForShutdown:
-            self.leases.requeue(self.video_id, self.token)
+            run.requeue()
             self.log.info("job requeued on shutdown", extra={"seconds": round(time.perf_counter() - t0, 3)})
             self.ctx.pipeline.release_memory()
             return
@@ -140,15 +140,13 @@ class JobRun:
                 settled = False
                 self.ctx.fatal = e
                 self.log.critical("device lost: the worker exits and the job is requeued", exc_info=True)
-                self.leases.drop_lease(self.video_id, self.token)
+                run.drop_lease()
                 return
             code, message = classify(e)
             self.log.exception("job failed", extra={"code": code})
             if self.uploading:
-                self._delete_partial(rec)
-            try:
-                self._settle("failed", error={"code": code, "message": message})
-            except JobLost:
+                self._delete_own(run)  # no half-stored video
+            if run.fail(code, message) is Outcome.NOT_OWNER:
                 self.log.warning("job lost before its failure was recorded")
             metrics.JOBS.labels(model, "failed").inc()
             metrics.FAILURES.labels(model, code).inc()
@@ -157,56 +155,40 @@ class JobRun:
         finally:
             self.ctx.current = None
             if settled:
-                self.leases.finish(self.video_id, self.token)
+                run.release()
         seconds = time.perf_counter() - t0
         metrics.JOBS.labels(model, "completed").inc()
         self.log.info("job completed", extra={"seconds": round(seconds, 3)})
 
-    def _settle(self, status: str, **changes) -> JobRecord | None:
+    def _delete_own(self, run: Run) -> None:
+        """Delete what this run stored (its own prefix, never another run's files)."""
         try:
-            return self.leases.update(self.video_id, self.token, status, **changes)
-        except NotOwner as e:
-            raise JobLost from e
+            self.ctx.storage.delete_prefix(run.assets)
+        except Exception:  # noqa: BLE001 - only the video's own expiry or deletion removes these now; log it
+            self.log.warning("could not delete this run's files", exc_info=True)
 
-    def _delete_partial(self, rec: JobRecord) -> None:
-        """No half-stored video: a failed upload removes what it had written."""
-        try:
-            self.ctx.storage.delete_prefix(rec.id)
-        except Exception:  # noqa: BLE001 - the expiry sweep never sees this video; log for the operator
-            self.log.warning("could not delete partial upload", exc_info=True)
-
-    def _run(self, rec: JobRecord) -> None:
+    def _run(self, run: Run) -> None:
+        rec = run.record
         storage = self.ctx.storage
         image = None
         if rec.input_key:
             image = Image.open(io.BytesIO(storage.get_bytes(rec.input_key))).convert("RGB")
-        req = GenerationRequest(
-            prompt=rec.prompt or "",
-            negative_prompt=rec.negative_prompt,
-            width=rec.width,
-            height=rec.height,
-            num_frames=rec.num_frames,
-            num_inference_steps=rec.num_inference_steps,
-            guidance_scale=rec.guidance_scale,
-            seed=rec.seed,
-            image=image,
-            enhance_prompt=rec.enhance_prompt,
-        )
+        req = rec.generation(image)
         span = PHASE["decode"] - PHASE["denoise"]
 
         def on_step(done: int, total: int) -> None:
             # Every step reads the record: a cancelled or deleted job stops here, within one step.
             if self.ctx.stop.is_set():
                 raise StopForShutdown
-            self._progress(PHASE["denoise"] + span * done // max(total, 1))
+            self._progress(run, PHASE["denoise"] + span * done // max(total, 1))
 
         t_job = time.perf_counter()
         frames = self.ctx.pipeline.generate(req, on_step)
         generate_s = time.perf_counter() - t_job
-        stats = self._observe_generation(rec, generate_s)
+        stats = self._observe_generation(run, generate_s)
         self.log.info("generated", extra={"seconds": round(generate_s, 3), "frames": len(frames), **stats})
 
-        self._progress(PHASE["encode"])
+        self._progress(run, PHASE["encode"])
         t = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="k5-") as tmp:
             files = {
@@ -218,46 +200,49 @@ class JobRun:
             encode.write_thumbnail(frames, files["thumbnail"])
             encode.write_spritesheet(frames, files["spritesheet"])
             metrics.PHASE_SECONDS.labels(rec.model, "encode").observe(time.perf_counter() - t)
-            self._progress(PHASE["upload"])
+            self._progress(run, PHASE["upload"])
             self.uploading = True
             t = time.perf_counter()
             # The video goes last: a completed record implies every variant is there.
             for variant in ("thumbnail", "spritesheet", "video"):
                 name, media_type = VARIANTS[variant]
-                storage.put_file(asset_key(rec.id, name), files[variant], media_type)
+                storage.put_file(asset_key(run.assets, name), files[variant], media_type)
             metrics.PHASE_SECONDS.labels(rec.model, "upload").observe(time.perf_counter() - t)
         if "step_s" in stats:
             # Measured speed feeds the ETAs of queued jobs; overhead is everything but the denoising steps.
             total = time.perf_counter() - t_job
             self.ctx.store.record_timing(rec, stats["step_s"], total - stats["step_s"] * rec.num_inference_steps)
-        now = int(time.time())
-        done = self._settle("completed", progress=100, completed_at=now, expires_at=now + self.ctx.asset_ttl_s)
-        if done is None:
-            # Cancelled or deleted during the upload: leave nothing behind.
-            storage.delete_prefix(rec.id)
-            raise JobCancelled
+        outcome = run.complete(expires_at=int(time.time()) + self.ctx.asset_ttl_s)
+        if outcome is not Outcome.DONE:
+            raise Stopped(outcome)
 
-    def _observe_generation(self, rec: JobRecord, generate_s: float) -> dict:
-        """Export the pipeline's per-phase figures; fall back to the whole call when it has none."""
-        stats = dict(getattr(self.ctx.pipeline, "last_stats", None) or {})
-        model = rec.model
-        if "denoise_s" in stats:
-            for phase in ("text_encode", "denoise", "decode"):
-                if stats.get(f"{phase}_s") is not None:
-                    metrics.PHASE_SECONDS.labels(model, phase).observe(stats[f"{phase}_s"])
-        if stats.get("step_s"):
-            metrics.STEP_SECONDS.labels(model).observe(stats["step_s"])
-        else:
-            stats["step_s"] = generate_s / max(1, rec.num_inference_steps)
-        if stats.get("peak_gpu_memory_bytes") is not None:
-            metrics.PEAK_GPU_MEMORY.labels(model).set(stats["peak_gpu_memory_bytes"])
-        if stats.get("enhanced_prompt"):
-            self._settle(None, enhanced_prompt=stats["enhanced_prompt"])
-        return {k: v for k, v in stats.items() if isinstance(v, int | float)}
+    def _observe_generation(self, run: Run, generate_s: float) -> dict[str, float]:
+        """Export the pipeline's per-phase figures; fall back to the whole call when it has none. Returns the
+        numeric figures for the log line, step_s always among them."""
+        stats: GenerationStats | None = getattr(self.ctx.pipeline, "last_stats", None)
+        model = run.record.model
+        figures: dict[str, float] = {}
+        if stats is not None:
+            phases = (("text_encode", stats.text_encode_s), ("denoise", stats.denoise_s), ("decode", stats.decode_s))
+            for phase, seconds in phases:
+                metrics.PHASE_SECONDS.labels(model, phase).observe(seconds)
+            if stats.step_s:
+                metrics.STEP_SECONDS.labels(model).observe(stats.step_s)
+            if stats.peak_gpu_memory_bytes is not None:
+                metrics.PEAK_GPU_MEMORY.labels(model).set(stats.peak_gpu_memory_bytes)
+            if stats.enhanced_prompt:
+                if (outcome := run.progress(enhanced_prompt=stats.enhanced_prompt)) is not Outcome.DONE:
+                    raise Stopped(outcome)
+            figures = {k: v for k, v in stats.as_dict().items() if isinstance(v, int | float)}
+        if not figures.get("step_s"):
+            figures["step_s"] = generate_s / max(1, run.record.num_inference_steps)
+        return figures
 
-    def _progress(self, progress: int) -> None:
-        if self._settle(None, progress=progress) is None:
-            raise JobCancelled
+    @staticmethod
+    def _progress(run: Run, progress: int) -> None:
+        # Every step reads the record: a cancelled, deleted or lost job stops here, within one step.
+        if (outcome := run.progress(progress)) is not Outcome.DONE:
+            raise Stopped(outcome)
 
 
 def classify(e: Exception) -> tuple[str, str]:

@@ -29,11 +29,6 @@ StepCache = Literal["off", "taylorseer", "magcache"]
 _TAYLORSEER_MODULES = [r"visual_transformer_blocks\.\d+\.(self_attention|cross_attention|feed_forward)"]
 
 
-def parse_mag_ratios(text: str) -> list[float]:
-    """A ratios list as upstream's configs write it (magcache.mag_ratios): cond/uncond pairs for steps 1..N-1."""
-    return [float(v) for v in text.replace("[", "").replace("]", "").split(",") if v.strip()]
-
-
 def nearest_interp(values: list[float], length: int) -> list[float]:
     """Upstream's resampling of a ratio series to another step count (kandinsky/magcache_utils.py nearest_interp)."""
     if length == 1:

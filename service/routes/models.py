@@ -8,8 +8,9 @@ from fastapi import APIRouter, Depends, Path
 
 from service.deps import StoreDep, _owner
 from service.errors import responses
-from service.jobs import JobStore, RequestRejected
+from service.jobs import JobStore
 from service.models import CATALOGUE, ModelSpec
+from service.problems import NotFound
 from service.schemas import ModelList, ModelObject
 
 router = APIRouter(prefix="/v1", tags=["models"], dependencies=[Depends(_owner)])
@@ -51,4 +52,4 @@ def retrieve_model(model_id: Annotated[str, Path(description="The model id.")], 
     for spec in store.known_models():
         if spec.id == model_id:
             return _model_object(spec, store)
-    raise RequestRejected(f"No model '{model_id}'.", param="model", code="model_not_found", status=404)
+    raise NotFound(f"No model '{model_id}'.", param="model", code="model_not_found")

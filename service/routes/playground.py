@@ -13,7 +13,7 @@ from pathlib import Path
 from fastapi import APIRouter
 from fastapi.responses import FileResponse, RedirectResponse
 
-from service.jobs import RequestRejected
+from service.problems import NotFound
 
 router = APIRouter(tags=["playground"], include_in_schema=False)
 
@@ -65,5 +65,5 @@ def playground_page() -> FileResponse:
 def playground_file(name: str) -> FileResponse:
     media_type = MEDIA_TYPES.get(name)
     if media_type is None:
-        raise RequestRejected(f"No playground file '{name}'.", code="not_found", status=404)
+        raise NotFound(f"No playground file '{name}'.", code="not_found")
     return FileResponse(STATIC / name, media_type=media_type, headers=HEADERS)
