@@ -32,6 +32,10 @@ log = logging.getLogger(__name__)
 JOB_FUNC = "worker.runner.run_job"
 # How long an Idempotency-Key keeps pointing at its video.
 IDEMPOTENCY_TTL_S = 24 * 3600
+# How long RQ keeps a job it saw fail (an abandoned delivery, a timeout, an error before the run). The job record
+# says how the video ended, so RQ's copy only has to outlive the janitor's next pass, which looks for abandoned
+# deliveries in RQ's failed registry (service/recovery.py): an hour bounds that registry by an hour's failures.
+RQ_FAILURE_TTL_S = 3600
 
 # Forward moves only; a status may repeat itself (progress updates) but terminal states never change.
 _NEXT: dict[str, frozenset[str]] = {
@@ -247,7 +251,7 @@ class JobStore:
             timeout=self.settings.job_timeout_s,
             # The job record is the result; RQ's own copy is not needed.
             result_ttl=0,
-            failure_ttl=7 * 86400,
+            failure_ttl=RQ_FAILURE_TTL_S,
             description=description,
             at_front=at_front,
             pipeline=pipe,
