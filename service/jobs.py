@@ -546,3 +546,24 @@ class JobStore:
         transitions of service/recovery.py (a run's completion, worker_lost) all go through here."""
         self._queue_webhooks(pipe, rec)
         pipe.srem(inflight_key(rec.owner), rec.id)
+
+    # -- /v1/models (service/roster.py reads this at most once per heartbeat) -------------------------------
+
+    def model_states(self) -> list[tuple[ModelSpec, int, int]]:
+        """known_models(), each with its workers online and served_since(), in two round trips."""
+        announced = sorted(m.decode() for m in self.r.smembers("k5:models"))
+        ids = list(dict.fromkeys([*announced, *self.settings.served_model_ids, *CATALOGUE]))
+        cutoff = time.time() - self._offline_after()
+        with self.r.pipeline(transaction=False) as pipe:
+            for m in ids:
+                pipe.get(f"k5:spec:{m}")
+                pipe.zcount(f"k5:workers:{m}", cutoff, "+inf")
+                pipe.get(f"k5:since:{m}")
+            replies = pipe.execute()
+        states = []
+        for i, m in enumerate(ids):
+            raw, workers, since = replies[3 * i : 3 * i + 3]
+            spec = ModelSpec.model_validate_json(raw) if raw else find_spec(m)
+            if spec is not None:
+                states.append((spec, int(workers), int(since or 0)))
+        return states
