@@ -7,7 +7,9 @@
 Both servers are real processes on one real redis-server, no worker attached: the tiny text-to-video model is
 announced online as a worker would announce it. Runs are interleaved (k5serve, baseline, baseline, k5serve...)
 and each figure is the median of --repeat runs. Before each run the database is emptied and seeded again, so
-each server meets the same state. Redis commands per request come from INFO commandstats deltas over the run.
+each server meets the same state. Redis commands per request come from INFO commandstats deltas: exactly, over
+20 requests one after the other, and under load, over each wrk run (that one includes WATCH retries, and the up
+to `concurrency` requests still in flight when wrk stops, which weigh on slow endpoints).
 The load comes from wrk (compiled, one thread): on 2 cores a Python client would take the servers' CPU.
 
 Sections: `main` (POST, GET one, list 100, models at each concurrency); `scale` (the same at 1k-100k completed
@@ -174,6 +176,22 @@ def measure(r: redis.Redis, server: Server, endpoint: str, target: str | None, c
     }
 
 
+def count(r: redis.Redis, server: Server, endpoint: str, target: str | None, n: int = 20) -> dict:
+    """Redis commands per request, exactly: n requests one after the other (no retries, nothing in flight)."""
+    method, _, path = endpoint.partition(" ")
+    headers = {"Authorization": f"Bearer {API_KEY}"} if server.kind == "k5serve" else {}
+    with httpx.Client(base_url=server.base, headers=headers, timeout=60) as client:
+        before = commands(r)
+        for _ in range(n):
+            sent = client.request(
+                method, path.replace("{id}", target or "none"), json=REQUEST if method == "POST" else None
+            )
+            sent.raise_for_status()
+        delta = {k: v - before.get(k, 0) for k, v in commands(r).items() if v > before.get(k, 0)}
+    top = sorted(delta.items(), key=lambda kv: -kv[1])[:4]
+    return {"seq": sum(delta.values()) / n, "seq_top": ", ".join(f"{k} {v / n:.3g}" for k, v in top)}
+
+
 def median_row(runs: list[dict]) -> dict:
     row = {k: statistics.median(r[k] for r in runs) for k in ("rps", "p50_ms", "p99_ms", "cmds")}
     return {**row, "errors": sum(r["errors"] for r in runs), "top": runs[len(runs) // 2]["top"], "runs": len(runs)}
@@ -190,11 +208,15 @@ def compare(
                 targets = state.reset(**seed)
                 got = measure(state.r, server, endpoint, targets[server.kind], conc, seconds)
                 runs.setdefault((endpoint, conc, server.name), []).append(got)
+    exact = {}
+    for endpoint in dict.fromkeys(e for e, _ in cases):
+        for server in servers:
+            exact[(endpoint, server.name)] = count(state.r, server, endpoint, state.reset(**seed)[server.kind])
     rows = []
     for endpoint, conc in cases:
         row: dict = {"endpoint": endpoint, "concurrency": conc}
         for server in servers:
-            med = median_row(runs[(endpoint, conc, server.name)])
+            med = median_row(runs[(endpoint, conc, server.name)]) | exact[(endpoint, server.name)]
             row |= {f"{server.name}_{k}": v for k, v in med.items()}
         rows.append(row)
     return rows
@@ -239,9 +261,10 @@ MAIN_COLUMNS = [
     ("baseline req/s", "baseline_rps", "{:.0f}"),
     ("baseline p50 ms", "baseline_p50_ms", "{:.2f}"),
     ("ratio", "ratio", "{:.2f}"),
-    ("k5serve Redis cmds/req", "k5serve_cmds", "{:.1f}"),
-    ("baseline cmds/req", "baseline_cmds", "{:.1f}"),
-    ("k5serve top commands/req", "k5serve_top", "{}"),
+    ("k5serve Redis cmds/req", "k5serve_seq", "{:.1f}"),
+    ("baseline cmds/req", "baseline_seq", "{:.1f}"),
+    ("k5serve top commands/req", "k5serve_seq_top", "{}"),
+    ("k5serve cmds/req under load", "k5serve_cmds", "{:.1f}"),
     ("errors", "errors", "{}"),
 ]
 SCALE_COLUMNS = [("state", "state", "{}")] + [c for c in MAIN_COLUMNS if c[1] != "concurrency"]
