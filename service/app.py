@@ -18,6 +18,7 @@ from service.forms import form_schema
 from service.jobs import JobStore, connect_redis
 from service.logs import setup_logging
 from service.recovery import Janitor
+from service.roster import Roster
 from service.routes import health, models, playground, videos
 from service.schemas import VideoCreate
 from service.settings import Settings
@@ -39,6 +40,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.store = JobStore(connect_redis(settings), settings)
     app.state.storage = open_storage(settings)
+    # Workers announce themselves once per heartbeat: /v1/models reads their state no more often than that.
+    app.state.roster = Roster(app.state.store, settings.heartbeat_s)
     app.state.keys = KeyRing(settings)
     app.state.limits = Limits(app.state.store.r, settings)
     errors.install(app)

@@ -7,14 +7,19 @@ gateway (and an install without torch) never loads torch or diffusers.
 from __future__ import annotations
 
 import json
+import socket
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
 import click
 
 from service.logs import setup_logging
 from service.settings import Settings
+
+if TYPE_CHECKING:
+    import uvicorn
 
 
 def _settings() -> Settings:
@@ -46,19 +51,34 @@ def gateway(workers: int) -> None:
     import uvicorn
 
     settings = _settings()
-    if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    options: dict[str, Any] = {
+        "factory": True,
+        "host": settings.host,
+        "port": settings.port,
+        "log_config": None,
+        "proxy_headers": True,
+        "timeout_graceful_shutdown": 10,
+    }
+    if workers == 1:
+        uvicorn.run("service.app:create_app", **options)
+        return
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         # Several processes behind one port: /metrics must add up all of them, through files in a shared dir.
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="k5-metrics-")
-    uvicorn.run(
-        "service.app:create_app",
-        factory=True,
-        workers=workers,
-        host=settings.host,
-        port=settings.port,
-        log_config=None,
-        proxy_headers=True,
-        timeout_graceful_shutdown=10,
-    )
+    from uvicorn.supervisors import Multiprocess
+
+    config = uvicorn.Config("service.app:create_app", workers=workers, **options)
+    Multiprocess(config, sockets=[_tcp_listener(config)]).run()
+
+
+def _tcp_listener(config: uvicorn.Config) -> socket.socket:
+    """The shared listening socket, bound as uvicorn binds it but with its protocol set to IPPROTO_TCP.
+
+    uvicorn's own bind leaves proto 0 (uvicorn issue 3149). Accepted sockets inherit it, and asyncio sets
+    TCP_NODELAY only on sockets whose proto is IPPROTO_TCP: with Nagle on, each response's second write waited
+    for the client's delayed ACK, ~40 ms per request that one process (which binds through asyncio) never had."""
+    bound = config.bind_socket()
+    return socket.socket(bound.family, bound.type, socket.IPPROTO_TCP, fileno=bound.detach())
 
 
 @main.command()

@@ -9,6 +9,7 @@ from fastapi import Depends, Header, Request
 from service.auth import AuthError
 from service.jobs import JobStore
 from service.problems import Unauthenticated
+from service.roster import Roster
 from service.settings import Settings
 from service.storage import Storage
 
@@ -25,9 +26,14 @@ def _storage(request: Request) -> Storage:
     return request.app.state.storage
 
 
+def _roster(request: Request) -> Roster:
+    return request.app.state.roster
+
+
 SettingsDep = Annotated[Settings, Depends(_settings)]
 StoreDep = Annotated[JobStore, Depends(_store)]
 StorageDep = Annotated[Storage, Depends(_storage)]
+RosterDep = Annotated[Roster, Depends(_roster)]
 
 
 def _owner(

@@ -26,6 +26,10 @@ from service.settings import Settings
 log = logging.getLogger(__name__)
 
 JOB_FUNC = "worker.runner.run_job"
+# How long RQ keeps a job it saw fail (an abandoned delivery, a timeout, an error before the run). The job record
+# says how the video ended, so RQ's copy only has to outlive the janitor's next pass, which looks for abandoned
+# deliveries in RQ's failed registry (service/recovery.py): an hour bounds that registry by an hour's failures.
+RQ_FAILURE_TTL_S = 3600
 
 
 def connect_redis(settings: Settings) -> redis.Redis:
@@ -154,7 +158,7 @@ class JobStore:
             timeout=self.settings.job_timeout_s,
             # The job record is the result; RQ's own copy is not needed.
             result_ttl=0,
-            failure_ttl=7 * 86400,
+            failure_ttl=RQ_FAILURE_TTL_S,
             description=description,
             at_front=at_front,
             pipeline=pipe,
@@ -332,3 +336,24 @@ class JobStore:
             if declared and declared.task == "text-to-video":
                 return model
         return None
+
+    # -- /v1/models (service/roster.py reads this at most once per heartbeat) -------------------------------
+
+    def model_states(self) -> builtins.list[tuple[ModelSpec, int, int]]:
+        """known_models(), each with its workers online and served_since(), in two round trips."""
+        announced = sorted(keys.text(m) for m in self.r.smembers(keys.MODELS))
+        ids = list(dict.fromkeys([*announced, *self.settings.served_model_ids, *CATALOGUE]))
+        cutoff = time.time() - self._offline_after()
+        with self.r.pipeline(transaction=False) as pipe:
+            for m in ids:
+                pipe.get(keys.spec(m))
+                pipe.zcount(keys.workers(m), cutoff, "+inf")
+                pipe.get(keys.since(m))
+            replies = pipe.execute()
+        states = []
+        for i, m in enumerate(ids):
+            raw, workers, since = replies[3 * i : 3 * i + 3]
+            spec = ModelSpec.model_validate_json(raw) if raw else find_spec(m)
+            if spec is not None:
+                states.append((spec, int(workers), int(since or 0)))
+        return states

@@ -6,21 +6,21 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Path
 
-from service.deps import StoreDep, _owner
+from service.deps import RosterDep, _owner
 from service.errors import responses
-from service.jobs import JobStore
-from service.models import CATALOGUE, ModelSpec
+from service.models import CATALOGUE
 from service.problems import NotFound
+from service.roster import ModelState
 from service.schemas import ModelList, ModelObject
 
 router = APIRouter(prefix="/v1", tags=["models"], dependencies=[Depends(_owner)])
 
 
-def _model_object(spec: ModelSpec, store: JobStore) -> ModelObject:
-    workers = store.workers_online(spec.id)
+def _model_object(state: ModelState) -> ModelObject:
+    spec = state.spec
     return ModelObject(
         id=spec.id,
-        created=store.served_since(spec.id),
+        created=state.since,
         owned_by="kandinskylab" if spec.id in CATALOGUE else "k5serve",
         task=spec.task,
         sizes=spec.sizes,
@@ -33,23 +33,23 @@ def _model_object(spec: ModelSpec, store: JobStore) -> ModelObject:
         max_num_inference_steps=spec.max_steps,
         default_guidance_scale=spec.guidance,
         attention=spec.attention,
-        online=workers > 0,
-        workers=workers,
+        online=state.workers > 0,
+        workers=state.workers,
         description=spec.description,
     )
 
 
 @router.get("/models", response_model=ModelList, responses=responses(401, 429, 503))
-def list_models(store: StoreDep) -> ModelList:
-    """Every model this deployment knows, online ones first."""
-    objects = [_model_object(spec, store) for spec in store.known_models()]
+def list_models(roster: RosterDep) -> ModelList:
+    """Every model this deployment knows, online ones first (as of the last worker heartbeat)."""
+    objects = [_model_object(state) for state in roster.models()]
     return ModelList(data=sorted(objects, key=lambda m: not m.online))
 
 
 @router.get("/models/{model_id}", response_model=ModelObject, responses=responses(401, 404, 429, 503))
-def retrieve_model(model_id: Annotated[str, Path(description="The model id.")], store: StoreDep) -> ModelObject:
+def retrieve_model(model_id: Annotated[str, Path(description="The model id.")], roster: RosterDep) -> ModelObject:
     """One model."""
-    for spec in store.known_models():
-        if spec.id == model_id:
-            return _model_object(spec, store)
+    for state in roster.models():
+        if state.spec.id == model_id:
+            return _model_object(state)
     raise NotFound(f"No model '{model_id}'.", param="model", code="model_not_found")
