@@ -45,6 +45,8 @@ def gateway(workers: int) -> None:
 
     import uvicorn
 
+    from service.server import GatewayProtocol
+
     settings = _settings()
     if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         # Several processes behind one port: /metrics must add up all of them, through files in a shared dir.
@@ -58,6 +60,8 @@ def gateway(workers: int) -> None:
         log_config=None,
         proxy_headers=True,
         timeout_graceful_shutdown=10,
+        # h11 with header and body deadlines and a per-client connection bound (service/server.py).
+        http=GatewayProtocol.configure(settings),
     )
 
 
