@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+from typing import Any
 
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
@@ -20,7 +21,7 @@ from starlette.formparsers import MultiPartException
 from starlette.types import Message, Receive
 
 from service.jobs import RequestRejected
-from service.schemas import VideoCreate
+from service.schemas import MAX_PROMPT_CHARS, VideoCreate, VideoRemix
 from service.settings import Settings
 
 _NESTED = re.compile(r"^([a-z_]+)\[([^\]]*)\]$")
@@ -93,6 +94,18 @@ async def parse_create(request: Request, settings: Settings) -> tuple[VideoCreat
         code="unsupported_media_type",
         status=415,
     )
+
+
+async def parse_remix(request: Request) -> VideoRemix:
+    """A remix body: JSON with a prompt (the openai SDK sends JSON here), capped like a create body."""
+    limit = MAX_PROMPT_CHARS * 4 + 64 * 1024  # a prompt of 4-byte characters and room for JSON escapes
+    length = request.headers.get("content-length")
+    if length and length.isdigit() and int(length) > limit:
+        raise too_large(limit)
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype != "application/json":
+        raise RequestRejected("Send the remix as application/json.", code="unsupported_media_type", status=415)
+    return _validate(parse_json(await capped(request, limit).body()), VideoRemix)
 
 
 def parse_json(body: bytes) -> dict:
@@ -176,9 +189,9 @@ async def _parse_form(request: Request, settings: Settings, limit: int) -> tuple
     return _validate(data), image
 
 
-def _validate(data: dict) -> VideoCreate:
+def _validate(data: dict, model: type[VideoCreate] | type[VideoRemix] = VideoCreate) -> Any:
     try:
-        return VideoCreate.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as e:
         raise RequestValidationError(
             [{**err, "loc": ("body", *err["loc"])} for err in e.errors(include_url=False)]

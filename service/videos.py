@@ -17,7 +17,7 @@ from service.images import decode_data_url, prepare_image
 from service.jobs import INPUT_IMAGE, VARIANTS, JobRecord, JobStore, RequestRejected, asset_key, plan_job
 from service.schemas import TERMINAL, VideoCreate
 from service.settings import Settings
-from service.storage import Storage
+from service.storage import Storage, StorageError
 from service.webhooks import UnsafeURL, URLPolicy
 
 log = logging.getLogger(__name__)
@@ -36,6 +36,7 @@ def submit(
     *,
     owner: str = "anonymous",
     idempotency_key: str | None = None,
+    remixed_from: str | None = None,
 ) -> tuple[JobRecord, bool]:
     """Validate a request against its model, store its input image, record and enqueue the job.
 
@@ -64,6 +65,7 @@ def submit(
         image = decode_data_url(req.input_reference.image_url)
     rec = plan_job(req, spec, has_image=image is not None)
     rec.owner = owner
+    rec.remixed_from_video_id = remixed_from
     check_capacity(store, settings, owner, spec.id)
     if idempotency_key is not None:
         existing = store.claim_idempotency(owner, idempotency_key, fingerprint(req, image), rec.id)
@@ -85,6 +87,53 @@ def submit(
             store.release_idempotency(owner, idempotency_key)
         raise
     return rec, False
+
+
+def remix(
+    source_id: str,
+    prompt: str,
+    store: JobStore,
+    storage: Storage,
+    settings: Settings,
+    *,
+    owner: str,
+    idempotency_key: str | None = None,
+) -> tuple[JobRecord, bool]:
+    """POST /v1/videos/{id}/remix: a new job like a completed video, with a new prompt (through submit, so every
+    check and limit applies). The same seed keeps the composition close to the source's."""
+    source = get_owned(store, source_id, owner)
+    if source.status != "completed":
+        raise RequestRejected(
+            f"Video {source.id} is {source.status}; only a completed video can be remixed.",
+            param="video_id",
+            code="video_not_ready" if source.status != "failed" else "video_failed",
+            status=409,
+        )
+    image = None
+    if source.input_key:
+        try:
+            image = storage.get_bytes(source.input_key)
+        except StorageError as e:
+            raise RequestRejected(
+                f"The input image of video {source.id} is no longer stored; create a new video instead.",
+                param="video_id",
+                code="asset_gone",
+                status=410,
+            ) from e
+    req = VideoCreate(
+        prompt=prompt,
+        model=source.model,
+        size=source.size,
+        seconds=source.seconds,
+        seed=source.seed,
+        negative_prompt=source.negative_prompt,
+        num_inference_steps=source.num_inference_steps,
+        guidance_scale=source.guidance_scale,
+        enhance_prompt=source.enhance_prompt,
+    )
+    return submit(
+        req, store, storage, settings, image, owner=owner, idempotency_key=idempotency_key, remixed_from=source.id
+    )
 
 
 def check_capacity(store: JobStore, settings: Settings, owner: str, model: str) -> None:
