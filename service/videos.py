@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -14,7 +15,17 @@ from starlette.concurrency import run_in_threadpool
 
 from service.auth import too_many
 from service.images import decode_data_url, prepare_image
-from service.jobs import INPUT_IMAGE, VARIANTS, JobRecord, JobStore, RequestRejected, asset_key, plan_job
+from service.jobs import (
+    INPUT_IMAGE,
+    VARIANTS,
+    JobRecord,
+    JobStore,
+    RequestRejected,
+    asset_key,
+    inflight_key,
+    plan_job,
+)
+from service.models import ModelSpec, parse_size, resolve_alias
 from service.schemas import TERMINAL, VideoCreate
 from service.settings import Settings
 from service.storage import Storage, StorageError
@@ -42,23 +53,22 @@ def submit(
 
     Returns the record and whether it is a replay of an earlier request with the same Idempotency-Key.
     """
-    model = req.model or store.default_model()
-    if model is None:
+    requested = req.model or store.default_model()
+    if requested is None:
         raise RequestRejected(
             "No model given and no text-to-video model is being served.",
             param="model",
             code="model_not_found",
             status=404,
         )
+    model = resolve_alias(requested, settings.aliases)
     spec = store.served_spec(model)
     if spec is None:
-        online = ", ".join(s.id for s in store.online_models()) or "none"
         raise RequestRejected(
-            f"The model '{model}' is not served by this deployment (online: {online}).",
-            param="model",
-            code="model_not_found",
-            status=404,
+            unserved_message(requested, model, store, settings), param="model", code="model_not_found", status=404
         )
+    if req.size is not None and req.size not in spec.sizes:
+        raise RequestRejected(size_message(req.size, spec), param="size")
     if req.webhook_url is not None:
         check_webhook_url(req.webhook_url, settings)
     if image is None and req.input_reference is not None:
@@ -81,7 +91,7 @@ def submit(
         if not store.create(rec, max_inflight=settings.max_inflight_per_key):
             if rec.input_key:
                 storage.delete_prefix(rec.id)
-            raise too_many_inflight(settings)
+            raise too_many_inflight(store, settings, owner)
     except BaseException:
         if idempotency_key is not None:
             store.release_idempotency(owner, idempotency_key)
@@ -136,6 +146,33 @@ def remix(
     )
 
 
+def unserved_message(requested: str, model: str, store: JobStore, settings: Settings) -> str:
+    """What to send instead of a model this deployment does not serve."""
+    alias = f" (an alias of '{model}')" if model != requested else ""
+    online = store.online_models()
+    served = ", ".join(f"'{s.id}' ({s.task})" for s in online) or "none is online now"
+    aliases = ", ".join(f"'{a}'" for a, target in settings.aliases.items() if target in {s.id for s in online})
+    hint = f"; aliases: {aliases}" if aliases else ""
+    return (
+        f"The model '{requested}'{alias} is not served by this deployment. Use one of: {served}{hint}. "
+        "GET /v1/models lists every model; an operator can map other names with K5_MODEL_ALIASES."
+    )
+
+
+def size_message(size: str, spec: ModelSpec) -> str:
+    """Names the model's sizes, and the one whose aspect ratio is nearest (1280x720 -> 768x512)."""
+    message = f"Invalid size '{size}' for model {spec.id}; supported sizes: {', '.join(spec.sizes)}"
+    width, height = parse_size(size)
+    if not width or not height:
+        return message + "."
+
+    def distance(candidate: str) -> float:
+        w, h = parse_size(candidate)
+        return abs(math.log(w / h) - math.log(width / height))
+
+    return message + f" (the nearest in aspect ratio is {min(spec.sizes, key=distance)})."
+
+
 def check_capacity(store: JobStore, settings: Settings, owner: str, model: str) -> None:
     """Backpressure before anything is stored: the key's jobs in flight, and the model's queue.
 
@@ -144,17 +181,30 @@ def check_capacity(store: JobStore, settings: Settings, owner: str, model: str) 
     a burst of concurrent requests can overshoot it by the burst's size, which is fine for a load-shedding cap.
     """
     if store.inflight(owner) >= settings.max_inflight_per_key:
-        raise too_many_inflight(settings)
+        raise too_many_inflight(store, settings, owner)
     if store.queue(model).count >= settings.max_queue_depth:
         raise too_many(f"The queue of model {model} is full; retry later.", "queue_full", 30)
 
 
-def too_many_inflight(settings: Settings) -> RequestRejected:
+def too_many_inflight(store: JobStore, settings: Settings, owner: str) -> RequestRejected:
     return too_many(
         f"You have {settings.max_inflight_per_key} videos queued or in progress; wait for one to finish.",
         "too_many_inflight",
-        5,
+        first_slot_free_s(store, owner),
     )
+
+
+def first_slot_free_s(store: JobStore, owner: str, fallback_s: float = 5.0) -> float:
+    """Seconds until the key's first job in flight is expected to finish (its estimated_completion_at), so a
+    client's retry lands when a slot is free rather than after a fixed guess; the fallback while nothing has
+    been timed yet. Only the key's oldest few jobs are looked at: running jobs finish first."""
+    ids = [m.decode() for m in store.r.smembers(inflight_key(owner))]
+    records = [rec for rec in map(store.get, ids) if rec is not None and rec.status not in TERMINAL]
+    records.sort(key=lambda rec: (rec.status != "in_progress", rec.created_at))
+    now = time.time()
+    etas = [store.view(rec).estimated_completion_at for rec in records[:4]]
+    known = [eta - now for eta in etas if eta is not None]
+    return min(max(min(known), 1.0), 3600.0) if known else fallback_s
 
 
 def fingerprint(req: VideoCreate, image: bytes | None) -> str:
