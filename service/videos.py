@@ -84,7 +84,12 @@ def submit(
     try:
         if image is not None:
             png = prepare_image(
-                image, rec.width, rec.height, max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels
+                image,
+                rec.width,
+                rec.height,
+                max_bytes=settings.max_image_bytes,
+                max_pixels=settings.max_image_pixels,
+                max_decodes=settings.max_concurrent_decodes,
             )
             rec.input_key = asset_key(rec.id, INPUT_IMAGE)
             storage.put_bytes(rec.input_key, png, "image/png")
