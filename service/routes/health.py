@@ -32,8 +32,11 @@ def healthz() -> HealthStatus:
 
 @router.get("/readyz", response_model=HealthStatus, responses={503: {"model": HealthStatus}})
 def readyz(request: Request, store: StoreDep, storage: StorageDep) -> JSONResponse:
-    """Redis and the object store are reachable. Probes need no key and learn only "ok" or "error" per check;
-    a caller with a valid API key also gets the error text (it may name hosts and buckets). Failures are logged."""
+    """Redis and the object store are reachable.
+
+    Probes need no key and learn only "ok" or "error" per check. A caller with a valid API key also gets the
+    error text, which may name hosts and buckets; failures are logged with it.
+    """
     details: dict[str, str] = {}
     for name, check in (("redis", store.r.ping), ("storage", storage.ping)):
         try:

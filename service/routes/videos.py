@@ -90,8 +90,11 @@ async def remix_video(
     settings: SettingsDep,
     idempotency_key: IdempotencyKey = None,
 ) -> Video:
-    """A new video like a completed one (model, size, seconds, seed, negative prompt, steps, guidance, input
-    image) with a new prompt; it names its source in `remixed_from_video_id`."""
+    """Remix a completed video: a new video with a new prompt.
+
+    The new job takes the source's model, size, seconds, seed, negative prompt, steps, guidance and input image,
+    and names its source in `remixed_from_video_id`.
+    """
     body = await parse_remix(request)
     rec, replayed = await run_in_threadpool(
         videos.remix, video_id, body.prompt, store, storage, settings, owner=owner, idempotency_key=idempotency_key
