@@ -1,17 +1,18 @@
 """Gateway input bench: what hostile request bodies cost a real gateway process.
 
-    python -m bench.gateway_input [--tree DIR] [--json-mb 1000] [--multipart-mb 2000] [--images 8]
+    python -m bench.gateway_input [--tree DIR] [--json-mb 1000] [--multipart-mb 2000] [--images 8] [--slow 600]
 
 Starts redis-server and `k5serve gateway` (from DIR, default this checkout, so an older tree can be measured
 the same way) and sends, over raw sockets:
 
 - a chunked JSON body of --json-mb MB (no Content-Length), until the gateway answers;
 - a chunked multipart body whose file part is --multipart-mb MB, until the gateway answers;
-- --images image-to-video requests at once, each a 105 KB PNG declaring 6000x6000 pixels.
+- --images image-to-video requests at once, each a ~116 KB PNG declaring 6000x6000 pixels;
+- --slow sockets that stall inside their header block or trickle a body, counted again after --slow-wait s.
 
 It samples the gateway's RSS and the size of its open temp files every 20 ms and prints one markdown row per case:
-peak RSS growth, RSS still held a second after the last answer, peak temp-dir growth, MB sent before the answer,
-and the statuses.
+peak RSS growth, RSS still held a second after the last answer, peak temp-file size, MB sent before the answer,
+and the statuses; then the slow-client counts.
 """
 
 from __future__ import annotations
@@ -128,6 +129,41 @@ def post_json(port: int, body: bytes) -> int:
         return status_of(sock)
 
 
+def slow_clients(port: int, pid: int, n: int, wait_s: float) -> tuple[int, int]:
+    """n sockets: half send an incomplete header block, half a header and then one body byte a second.
+    Returns the gateway's established connections right after opening them and after wait_s."""
+    socks = []
+    for i in range(n):
+        try:
+            sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+        except OSError:
+            continue
+        head = b"POST /v1/videos HTTP/1.1\r\nHost: x\r\n"
+        try:
+            sock.sendall(head if i % 2 else head + b"Content-Type: application/json\r\nContent-Length: 9999\r\n\r\n{")
+        except OSError:
+            pass
+        socks.append(sock)
+    gateway = psutil.Process(pid)
+
+    def established() -> int:
+        return sum(c.status == psutil.CONN_ESTABLISHED for c in gateway.net_connections() if c.laddr.port == port)
+
+    opened = established()
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        for sock in socks[::2]:
+            try:
+                sock.send(b" ")
+            except OSError:
+                pass
+        time.sleep(1)
+    left = established()
+    for sock in socks:
+        sock.close()
+    return opened, left
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tree", type=Path, default=ROOT, help="source tree whose gateway to run")
@@ -135,6 +171,8 @@ def main() -> None:
     ap.add_argument("--json-mb", type=int, default=1000)
     ap.add_argument("--multipart-mb", type=int, default=2000)
     ap.add_argument("--images", type=int, default=8)
+    ap.add_argument("--slow", type=int, default=600, help="slow-client sockets (0: skip)")
+    ap.add_argument("--slow-wait", type=float, default=30.0, help="seconds before counting what is still open")
     args = ap.parse_args()
     label = args.label or args.tree.name
     with tempfile.TemporaryDirectory(prefix="k5-bench-input-") as tmp:
@@ -192,6 +230,8 @@ def main() -> None:
                 statuses = Counter(pool.map(lambda _: post_json(port, body), range(args.images)))
             name = f"{args.images} x PNG 6000x6000 ({len(png) // 1024} KB) at once"
             rows.append((name, s, len(body) * args.images, statuses))
+            if args.slow:
+                opened, left = slow_clients(port, gateway.pid, args.slow, args.slow_wait)
         finally:
             stop_process(gateway)
             server.stop()
@@ -204,6 +244,10 @@ def main() -> None:
             f"| {label} | {name} | {s.rss0 / MB:.0f} | {(s.rss_peak - s.rss0) / MB:.0f} | "
             f"{(s.rss_held - s.rss0) / MB:.0f} | {s.disk_peak / MB:.0f} | {sent / MB:.0f} | {codes} |"
         )
+    if args.slow:
+        print(f"\n| tree | slow-client sockets | held open at first | still open after {args.slow_wait:g} s |")
+        print("|---|---|---|---|")
+        print(f"| {label} | {args.slow} | {opened} | {left} |")
 
 
 if __name__ == "__main__":
