@@ -45,6 +45,7 @@ class ClientLimits:
 class GatewayProtocol(H11Protocol):
     limits: ClientLimits | None = None  # set by configure(); read from K5_* in processes that did not call it
     open_per_client: Counter[str] = Counter()
+    refusal_logged: dict[str, float] = {}  # peer -> when its refusals were last logged (kept small)
 
     @classmethod
     def configure(cls, settings: Settings) -> type[GatewayProtocol]:
@@ -62,7 +63,12 @@ class GatewayProtocol(H11Protocol):
         self.open_per_client[self._peer] += 1
         bound = self._limits.max_connections_per_client
         if bound and self.open_per_client[self._peer] > bound:
-            log.warning("refused a connection: %s has %d open", self._peer, bound, extra={"client": self._peer})
+            now = self.loop.time()
+            if now - self.refusal_logged.get(self._peer, -60.0) >= 60:  # a line a minute, not one per connection
+                if len(self.refusal_logged) > 1024:
+                    self.refusal_logged.clear()
+                self.refusal_logged[self._peer] = now
+                log.warning("refusing connections: %s has %d open", self._peer, bound, extra={"client": self._peer})
             message = f"Too many connections from one client (at most {bound}); reuse a keep-alive connection."
             transport.write(_raw(_BUSY, message, "too_many_connections", "service_unavailable"))
             transport.close()
@@ -111,7 +117,7 @@ class GatewayProtocol(H11Protocol):
         if not waiting:
             return
         limit = self._limits.header_timeout_s if phase == "headers" else self._limits.body_timeout_s
-        log.warning("closed a slow connection: %s incomplete after %ss", phase, limit, extra={"client": self._peer})
+        log.info("closed a slow connection: %s incomplete after %ss", phase, limit, extra={"client": self._peer})
         if self.cycle is None or not self.cycle.response_started:
             message = f"The request {phase} did not arrive within {limit:g} s."
             self.transport.write(_raw(_TIMEOUT, message, "request_timeout", "invalid_request_error"))

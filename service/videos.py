@@ -24,6 +24,7 @@ from service.jobs import (
     asset_key,
     inflight_key,
     plan_job,
+    video_key,
 )
 from service.models import ModelSpec, parse_size, resolve_alias
 from service.schemas import TERMINAL, VideoCreate
@@ -146,9 +147,9 @@ def remix(
         guidance_scale=source.guidance_scale,
         enhance_prompt=source.enhance_prompt,
     )
-    return submit(
-        req, store, storage, settings, image, owner=owner, idempotency_key=idempotency_key, remixed_from=source.id
-    )
+    # A key names one remix of one source: the same key on another source is another request.
+    key = None if idempotency_key is None else f"remix:{source.id}:{idempotency_key}"
+    return submit(req, store, storage, settings, image, owner=owner, idempotency_key=key, remixed_from=source.id)
 
 
 def unserved_message(requested: str, model: str, store: JobStore, settings: Settings) -> str:
@@ -203,8 +204,10 @@ def first_slot_free_s(store: JobStore, owner: str, fallback_s: float = 5.0) -> f
     """Seconds until the key's first job in flight is expected to finish (its estimated_completion_at), so a
     client's retry lands when a slot is free rather than after a fixed guess; the fallback while nothing has
     been timed yet. Only the key's oldest few jobs are looked at: running jobs finish first."""
-    ids = [m.decode() for m in store.r.smembers(inflight_key(owner))]
-    records = [rec for rec in map(store.get, ids) if rec is not None and rec.status not in TERMINAL]
+    keys = [video_key(m.decode()) for m in store.r.smembers(inflight_key(owner))]
+    raws = store.r.mget(keys) if keys else []
+    records = [JobRecord.model_validate_json(raw) for raw in raws if raw]
+    records = [rec for rec in records if rec.status not in TERMINAL]
     records.sort(key=lambda rec: (rec.status != "in_progress", rec.created_at))
     now = time.time()
     etas = [store.view(rec).estimated_completion_at for rec in records[:4]]

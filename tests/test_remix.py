@@ -41,6 +41,11 @@ def test_remix_keeps_the_source_settings_with_the_new_prompt(client, stack):
     )
     done = client.videos.poll(remix.id)
     assert done.status == "completed" and done.remixed_from_video_id == source.id
+    # An Idempotency-Key makes a remix safe to retry: the same key and source give the same video.
+    headers = {"Idempotency-Key": "remix-retry-1"}
+    first = client.videos.remix(source.id, prompt="a green kite", extra_headers=headers)
+    again = client.videos.with_raw_response.remix(source.id, prompt="a green kite", extra_headers=headers)
+    assert again.parse().id == first.id and again.headers["idempotent-replayed"] == "true"
     assert client.videos.retrieve(source.id).remixed_from_video_id is None
 
 
