@@ -64,7 +64,7 @@ class Settings(BaseSettings):
     body_timeout_s: float = Field(60.0, gt=0)
     # Connections one client address may hold open to one gateway process; 0 = no bound. Behind a proxy that
     # does not pool connections every client shares the proxy's address: raise it or set 0 there.
-    max_connections_per_client: int = Field(64, ge=0)
+    max_connections_per_client: int = Field(256, ge=0)
 
     # Model aliases, "alias=served-id" comma-separated (e.g. "sora-2=kandinsky-5.0-t2v-lite-sft-5s"), so apps
     # written for another OpenAI-compatible provider work unchanged; the video reports the served model's id.
