@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request, Response
 from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service import errors, metrics
 from service.auth import KeyRing, Limits
@@ -20,7 +23,7 @@ from service.logs import setup_logging
 from service.recovery import Janitor
 from service.roster import Roster
 from service.routes import health, models, playground, videos
-from service.schemas import VideoCreate
+from service.schemas import VideoCreate, VideoRemix
 from service.settings import Settings
 from service.storage import open_storage
 
@@ -45,6 +48,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.keys = KeyRing(settings)
     app.state.limits = Limits(app.state.store.r, settings)
     errors.install(app)
+    app.add_exception_handler(404, _unknown_route)
+    app.add_exception_handler(405, _unknown_method)
     app.state.queue_metrics = metrics.QueueCollector(app.state.store)
     app.middleware("http")(_observe)
     app.include_router(health.router)
@@ -66,8 +71,13 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         janitor.stop()
 
 
+# Methods counted by name in the metrics; any other (clients may send any token) counts as OTHER.
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
 async def _observe(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-    """Count and time every request by its route template (never the raw path: ids would explode the labels)."""
+    """Count and time every request by its route template and a fixed set of methods (never the raw path or
+    method: ids and made-up methods would grow the labels without bound)."""
     t0 = time.perf_counter()
     status = 500
     try:
@@ -77,8 +87,47 @@ async def _observe(request: Request, call_next: Callable[[Request], Awaitable[Re
     finally:
         route = request.scope.get("route")
         path = getattr(route, "path", "unmatched")
-        metrics.HTTP_REQUESTS.labels(path, request.method, str(status)).inc()
-        metrics.HTTP_LATENCY.labels(path, request.method).observe(time.perf_counter() - t0)
+        method = request.method if request.method in METHODS else "OTHER"
+        metrics.HTTP_REQUESTS.labels(path, method, str(status)).inc()
+        metrics.HTTP_LATENCY.labels(path, method).observe(time.perf_counter() - t0)
+
+
+def _api_routes(request: Request) -> dict[str, list[str]]:
+    """The API's paths and their methods, as the OpenAPI document states them."""
+    paths = request.app.openapi()["paths"]
+    return {p: sorted(m.upper() for m in ops) for p, ops in paths.items() if p.startswith("/v1/")}
+
+
+def _template_of(path: str, templates: Iterable[str]) -> str | None:
+    for template in templates:
+        if re.fullmatch(re.sub(r"\\{[^/]+?\\}", "[^/]+", re.escape(template)), path):
+            return template
+    return None
+
+
+async def _unknown_route(request: Request, exc: Exception) -> JSONResponse:
+    """A path no route matches: say what the API has, in one envelope (FastAPI's own says only "Not Found")."""
+    if isinstance(exc, StarletteHTTPException) and exc.detail != "Not Found":
+        return errors.envelope(404, str(exc.detail))
+    listed = "; ".join(f"{', '.join(m)} {p}" for p, m in _api_routes(request).items())
+    return errors.envelope(
+        404,
+        f"Unknown route {request.method} {request.url.path}. The API has: {listed}.",
+        code="unknown_route",
+    )
+
+
+async def _unknown_method(request: Request, exc: Exception) -> JSONResponse:
+    routes = _api_routes(request)
+    template = _template_of(request.url.path, routes)
+    allowed = routes[template] if template else []
+    message = f"{request.method} is not allowed on {request.url.path}"
+    return errors.envelope(
+        405,
+        f"{message}; use {', '.join(allowed)}." if allowed else f"{message}.",
+        code="method_not_allowed",
+        headers={"Allow": ", ".join(allowed)} if allowed else None,
+    )
 
 
 def _openapi(app: FastAPI) -> dict:
@@ -92,6 +141,7 @@ def _openapi(app: FastAPI) -> dict:
         components.update(body.pop("$defs", {}))
         components["VideoCreate"] = body
         components["VideoCreateForm"] = form_schema(body)
+        components["VideoRemix"] = VideoRemix.model_json_schema(ref_template="#/components/schemas/{model}")
         for ops in schema["paths"].values():
             for op in ops.values():
                 op["responses"].pop("422", None)

@@ -50,6 +50,8 @@ def gateway(workers: int) -> None:
 
     import uvicorn
 
+    from service.server import GatewayProtocol
+
     settings = _settings()
     options: dict[str, Any] = {
         "factory": True,
@@ -58,6 +60,8 @@ def gateway(workers: int) -> None:
         "log_config": None,
         "proxy_headers": True,
         "timeout_graceful_shutdown": 10,
+        # h11 with header and body deadlines and a per-client connection bound (service/server.py).
+        "http": GatewayProtocol.configure(settings),
     }
     if workers == 1:
         uvicorn.run("service.app:create_app", **options)

@@ -40,6 +40,7 @@ STATUS: dict[type[problems.Rejected], int] = {
     problems.TooLarge: 413,
     problems.UnsupportedMedia: 415,
     problems.Throttled: 429,
+    problems.Unavailable: 503,
 }
 
 

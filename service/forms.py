@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+from typing import Any
 
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
@@ -17,13 +18,17 @@ from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
+from starlette.types import Message, Receive
 
 from service.problems import InvalidParameter, TooLarge, UnsupportedMedia
-from service.schemas import VideoCreate
+from service.schemas import MAX_PROMPT_CHARS, VideoCreate, VideoRemix
 from service.settings import Settings
 
 _NESTED = re.compile(r"^([a-z_]+)\[([^\]]*)\]$")
 _MAX_FIELDS = 64
+# Far deeper than any valid request (metadata and input_reference are one level down); json.loads and the
+# validation error's traceback recurse once per level, and ~1000 levels reach Python's recursion limit.
+_MAX_JSON_DEPTH = 16
 
 
 def form_schema(video_create: dict) -> dict:
@@ -49,29 +54,95 @@ def body_limit(settings: Settings) -> int:
     return settings.max_image_bytes * 4 // 3 + 256 * 1024
 
 
+def too_large(limit: int) -> TooLarge:
+    return TooLarge(f"The request body is larger than {limit} bytes.", code="body_too_large")
+
+
+def capped(request: Request, limit: int) -> Request:
+    """The request with a body that stops at `limit` bytes: a chunked body has no Content-Length to check first,
+    so the count is kept while it streams and nothing past the limit is read, buffered or spooled to disk."""
+    seen = 0
+    receive: Receive = request.receive
+
+    async def counted() -> Message:
+        nonlocal seen
+        message = await receive()
+        if message["type"] == "http.request":
+            seen += len(message.get("body", b""))
+            if seen > limit:
+                raise too_large(limit)
+        return message
+
+    return Request(request.scope, counted)
+
+
 async def parse_create(request: Request, settings: Settings) -> tuple[VideoCreate, bytes | None]:
     limit = body_limit(settings)
     length = request.headers.get("content-length")
     if length and length.isdigit() and int(length) > limit:
         raise TooLarge(f"The request body is {length} bytes; the limit is {limit}.", code="body_too_large")
+    request = capped(request, limit)
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype == "application/json":
-        body = await request.body()
-        if len(body) > limit:
-            raise TooLarge("The request body is too large.", code="body_too_large")
-        try:
-            data = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise InvalidParameter("The request body is not valid JSON.", code="invalid_json") from e
-        if not isinstance(data, dict):
-            raise InvalidParameter("The request body must be a JSON object.", code="invalid_json")
-        return _validate(data), None
+        return _validate(parse_json(await request.body())), None
     if ctype in ("multipart/form-data", "application/x-www-form-urlencoded"):
         return await _parse_form(request, settings, limit)
     raise UnsupportedMedia(
         "Send the request as application/json or multipart/form-data (application/x-www-form-urlencoded also works).",
         code="unsupported_media_type",
     )
+
+
+async def parse_remix(request: Request) -> VideoRemix:
+    """A remix body: JSON with a prompt (the openai SDK sends JSON here), capped like a create body."""
+    limit = MAX_PROMPT_CHARS * 4 + 64 * 1024  # a prompt of 4-byte characters and room for JSON escapes
+    length = request.headers.get("content-length")
+    if length and length.isdigit() and int(length) > limit:
+        raise too_large(limit)
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype != "application/json":
+        raise UnsupportedMedia("Send the remix as application/json.", code="unsupported_media_type")
+    return _validate(parse_json(await capped(request, limit).body()), VideoRemix)
+
+
+def parse_json(body: bytes) -> dict:
+    """A JSON object body, or a 400: malformed, nested too deeply, or with an integer past Python's 4300 digits."""
+    try:
+        data = json.loads(body)
+    except RecursionError as e:
+        raise InvalidParameter(_too_deep(), code="invalid_json") from e
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError, and int() of a huge number
+        raise InvalidParameter(f"The request body is not valid JSON: {_reason(e)}", code="invalid_json") from e
+    if not isinstance(data, dict):
+        raise InvalidParameter("The request body must be a JSON object.", code="invalid_json")
+    if _depth(data) > _MAX_JSON_DEPTH:
+        raise InvalidParameter(_too_deep(), code="invalid_json")
+    return data
+
+
+def _too_deep() -> str:
+    return f"The request body is nested more than {_MAX_JSON_DEPTH} levels deep."
+
+
+def _reason(e: Exception) -> str:
+    if isinstance(e, json.JSONDecodeError):
+        return f"{e.msg} at line {e.lineno} column {e.colno}."
+    if "digits" in str(e):
+        return "a number has too many digits."
+    return "it is not UTF-8 text." if isinstance(e, UnicodeDecodeError) else "it could not be parsed."
+
+
+def _depth(data: object) -> int:
+    """How deeply containers nest, counted without recursion and given up past the limit."""
+    deepest, level = 0, [(data, 1)]
+    while level:
+        node, depth = level.pop()
+        deepest = max(deepest, depth)
+        if depth > _MAX_JSON_DEPTH:
+            break
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
+        level.extend((c, depth + 1) for c in children if isinstance(c, dict | list))
+    return deepest
 
 
 async def _parse_form(request: Request, settings: Settings, limit: int) -> tuple[VideoCreate, bytes | None]:
@@ -114,9 +185,9 @@ async def _parse_form(request: Request, settings: Settings, limit: int) -> tuple
     return _validate(data), image
 
 
-def _validate(data: dict) -> VideoCreate:
+def _validate(data: dict, model: type[VideoCreate] | type[VideoRemix] = VideoCreate) -> Any:
     try:
-        return VideoCreate.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as e:
         raise RequestValidationError(
             [{**err, "loc": ("body", *err["loc"])} for err in e.errors(include_url=False)]

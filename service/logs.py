@@ -9,6 +9,9 @@ import time
 
 # Attributes every LogRecord has; anything else came in through `extra=` and belongs in the JSON line.
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
+# uvicorn adds `color_message` (its message with ANSI colour codes, for its own coloured formatter) to every
+# record: not an extra of ours, and raw escape codes in a log file or a JSON line are noise.
+_SKIPPED = _STANDARD | {"color_message"}
 
 
 class JsonFormatter(logging.Formatter):
@@ -19,7 +22,7 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
-        line.update({k: v for k, v in record.__dict__.items() if k not in _STANDARD})
+        line.update({k: v for k, v in record.__dict__.items() if k not in _SKIPPED})
         if record.exc_info:
             line["exc"] = self.formatException(record.exc_info)
         return json.dumps(line, default=str)
@@ -27,7 +30,7 @@ class JsonFormatter(logging.Formatter):
 
 class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        extras = " ".join(f"{k}={v}" for k, v in record.__dict__.items() if k not in _STANDARD)
+        extras = " ".join(f"{k}={v}" for k, v in record.__dict__.items() if k not in _SKIPPED)
         base = super().format(record)
         return f"{base} {extras}" if extras else base
 

@@ -170,6 +170,11 @@ def find_spec(model: str) -> ModelSpec | None:
     return None
 
 
+def resolve_alias(model: str, aliases: dict[str, str]) -> str:
+    """The served model id an operator's alias (K5_MODEL_ALIASES) names, or the id itself."""
+    return aliases.get(model, model)
+
+
 class UnknownModelError(ValueError):
     pass
 

@@ -57,11 +57,18 @@ class Throttled(Rejected):
 
     default_code = "rate_limited"
 
-    def __init__(self, message: str, *, retry_after_s: float, code: str | None = None) -> None:
-        super().__init__(message, code=code)
+    def __init__(self, message: str, *, retry_after_s: float, param: str | None = None, code: str | None = None):
+        super().__init__(message, param=param, code=code)
         self.retry_after_s = max(1.0, retry_after_s)
         # The headers the openai SDK honours.
         self.headers = {
             "Retry-After": str(int(self.retry_after_s + 0.999)),
             "retry-after-ms": str(int(self.retry_after_s * 1000)),
         }
+
+
+class Unavailable(Throttled):
+    """The deployment cannot take this request for a moment (every image decoder busy, storage out of reach):
+    not the caller's limit, so it is a 503, with the same Retry-After."""
+
+    default_code = "service_unavailable"

@@ -99,6 +99,20 @@ class VideoCreate(BaseModel):
     )
 
 
+class VideoRemix(BaseModel):
+    """POST /v1/videos/{video_id}/remix: the source video's model, size, duration, seed, negative prompt, steps,
+    guidance and input image, with a new prompt."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(
+        min_length=1,
+        max_length=MAX_PROMPT_CHARS,
+        pattern=NOT_BLANK,
+        description="What the remixed video shows (not only blanks).",
+    )
+
+
 class VideoError(BaseModel):
     code: str
     message: str

@@ -65,6 +65,22 @@ class Settings(BaseSettings):
     # Upper bound of an uploaded image (input_reference) in bytes and in pixels (decompression bombs).
     max_image_bytes: int = Field(20 * 1024 * 1024, ge=1024)
     max_image_pixels: int = Field(40_000_000, ge=1024)
+    # Images decoded at once per gateway process (a large PNG costs ~100 MB while it is decoded); past this
+    # POST answers 503 with Retry-After.
+    max_concurrent_decodes: int = Field(2, ge=1)
+
+    # -- slow and greedy clients (the gateway's HTTP server) ------------------------------------------------
+    # A request's header block must arrive within this many seconds of its first byte (or of the connection).
+    header_timeout_s: float = Field(10.0, gt=0)
+    # And its body within this many seconds of the headers (a 27 MB upload at 1 MB/s takes 27 s).
+    body_timeout_s: float = Field(60.0, gt=0)
+    # Connections one client address may hold open to one gateway process; 0 = no bound. Behind a proxy that
+    # does not pool connections every client shares the proxy's address: raise it or set 0 there.
+    max_connections_per_client: int = Field(256, ge=0)
+
+    # Model aliases, "alias=served-id" comma-separated (e.g. "sora-2=kandinsky-5.0-t2v-lite-sft-5s"), so apps
+    # written for another OpenAI-compatible provider work unchanged; the video reports the served model's id.
+    model_aliases: str = ""
 
     # -- access (API keys, limits) --------------------------------------------------------------------------
     # Comma-separated bearer tokens; or a file with one per line (a mounted Secret). Kept hashed in memory.
@@ -163,6 +179,20 @@ class Settings(BaseSettings):
         else:
             raise ValueError("storage URL must be s3://bucket/prefix or file:///abs/dir")
         return v
+
+    @field_validator("model_aliases")
+    @classmethod
+    def _check_aliases(cls, v: str) -> str:
+        for pair in filter(None, (p.strip() for p in v.split(","))):
+            alias, sep, target = pair.partition("=")
+            if not sep or not alias.strip() or not target.strip():
+                raise ValueError(f"model alias {pair!r} must be alias=model-id")
+        return v
+
+    @property
+    def aliases(self) -> dict[str, str]:
+        pairs = (p.partition("=") for p in self.model_aliases.split(",") if p.strip())
+        return {alias.strip(): target.strip() for alias, _, target in pairs}
 
     @property
     def served_model_ids(self) -> list[str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -12,15 +13,17 @@ from pathlib import Path
 
 from starlette.concurrency import run_in_threadpool
 
+from service import keys
 from service.auth import too_many
 from service.idempotency import IdempotencyKey, replay
 from service.images import decode_data_url, prepare_image
 from service.jobs import INPUT_IMAGE, VARIANTS, JobRecord, JobStore, asset_key, plan_job
 from service.lifecycle import Lifecycle
+from service.models import ModelSpec, parse_size, resolve_alias
 from service.problems import Conflict, Gone, InvalidParameter, NotFound, Throttled
 from service.schemas import TERMINAL, VideoCreate
 from service.settings import Settings
-from service.storage import Storage
+from service.storage import Storage, StorageError
 from service.webhooks import UnsafeURL, URLPolicy
 
 log = logging.getLogger(__name__)
@@ -40,32 +43,32 @@ def submit(
     *,
     owner: str = "anonymous",
     idempotency_key: str | None = None,
+    remixed_from: str | None = None,
 ) -> tuple[JobRecord, bool]:
     """Validate a request against its model, store its input image, record and enqueue the job.
 
     Returns the record and whether it is a replay of an earlier request with the same Idempotency-Key.
     """
-    model = req.model or store.default_model()
-    if model is None:
+    requested = req.model or store.default_model()
+    if requested is None:
         raise NotFound(
             "No model given and no text-to-video model is being served.",
             param="model",
             code="model_not_found",
         )
+    model = resolve_alias(requested, settings.aliases)
     spec = store.served_spec(model)
     if spec is None:
-        online = ", ".join(s.id for s in store.online_models()) or "none"
-        raise NotFound(
-            f"The model '{model}' is not served by this deployment (online: {online}).",
-            param="model",
-            code="model_not_found",
-        )
+        raise NotFound(unserved_message(requested, model, store, settings), param="model", code="model_not_found")
+    if req.size is not None and req.size not in spec.sizes:
+        raise InvalidParameter(size_message(req.size, spec), param="size")
     if req.webhook_url is not None:
         check_webhook_url(req.webhook_url, settings)
     if image is None and req.input_reference is not None:
         image = decode_data_url(req.input_reference.image_url)
     rec = plan_job(req, spec, has_image=image is not None)
     rec.owner = owner
+    rec.remixed_from_video_id = remixed_from
     idem = None
     if idempotency_key is not None:
         idem = IdempotencyKey(owner, idempotency_key, fingerprint(req, image))
@@ -75,7 +78,12 @@ def submit(
     check_capacity(store, settings, owner, spec.id)
     if image is not None:
         png = prepare_image(
-            image, rec.width, rec.height, max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels
+            image,
+            rec.width,
+            rec.height,
+            max_bytes=settings.max_image_bytes,
+            max_pixels=settings.max_image_pixels,
+            max_decodes=settings.max_concurrent_decodes,
         )
         rec.input_key = asset_key(rec.id, INPUT_IMAGE)
         storage.put_bytes(rec.input_key, png, "image/png")
@@ -89,8 +97,80 @@ def submit(
         if rec.input_key:  # no job of this request will read it
             storage.delete_prefix(rec.id)
     if made is None:
-        raise too_many_inflight(settings)
+        raise too_many_inflight(store, settings, owner)
     return made, made.id != rec.id
+
+
+def remix(
+    source_id: str,
+    prompt: str,
+    store: JobStore,
+    storage: Storage,
+    settings: Settings,
+    *,
+    owner: str,
+    idempotency_key: str | None = None,
+) -> tuple[JobRecord, bool]:
+    """POST /v1/videos/{id}/remix: a new job like a completed video, with a new prompt (through submit, so every
+    check and limit applies). The same seed keeps the composition close to the source's."""
+    source = get_owned(store, source_id, owner)
+    if source.status != "completed":
+        raise Conflict(
+            f"Video {source.id} is {source.status}; only a completed video can be remixed.",
+            param="video_id",
+            code="video_not_ready" if source.status != "failed" else "video_failed",
+        )
+    image = None
+    if source.input_key:
+        try:
+            image = storage.get_bytes(source.input_key)
+        except StorageError as e:
+            raise Gone(
+                f"The input image of video {source.id} is no longer stored; create a new video instead.",
+                param="video_id",
+                code="asset_gone",
+            ) from e
+    req = VideoCreate(
+        prompt=prompt,
+        model=source.model,
+        size=source.size,
+        seconds=source.seconds,
+        seed=source.seed,
+        negative_prompt=source.negative_prompt,
+        num_inference_steps=source.num_inference_steps,
+        guidance_scale=source.guidance_scale,
+        enhance_prompt=source.enhance_prompt,
+    )
+    # A key names one remix of one source: the same key on another source is another request.
+    key = None if idempotency_key is None else f"remix:{source.id}:{idempotency_key}"
+    return submit(req, store, storage, settings, image, owner=owner, idempotency_key=key, remixed_from=source.id)
+
+
+def unserved_message(requested: str, model: str, store: JobStore, settings: Settings) -> str:
+    """What to send instead of a model this deployment does not serve."""
+    alias = f" (an alias of '{model}')" if model != requested else ""
+    online = store.online_models()
+    served = ", ".join(f"'{s.id}' ({s.task})" for s in online) or "none is online now"
+    aliases = ", ".join(f"'{a}'" for a, target in settings.aliases.items() if target in {s.id for s in online})
+    hint = f"; aliases: {aliases}" if aliases else ""
+    return (
+        f"The model '{requested}'{alias} is not served by this deployment. Use one of: {served}{hint}. "
+        "GET /v1/models lists every model; an operator can map other names with K5_MODEL_ALIASES."
+    )
+
+
+def size_message(size: str, spec: ModelSpec) -> str:
+    """Names the model's sizes, and the one whose aspect ratio is nearest (1280x720 -> 768x512)."""
+    message = f"Invalid size '{size}' for model {spec.id}; supported sizes: {', '.join(spec.sizes)}"
+    width, height = parse_size(size)
+    if not width or not height:
+        return message + "."
+
+    def distance(candidate: str) -> float:
+        w, h = parse_size(candidate)
+        return abs(math.log(w / h) - math.log(width / height))
+
+    return message + f" (the nearest in aspect ratio is {min(spec.sizes, key=distance)})."
 
 
 def check_capacity(store: JobStore, settings: Settings, owner: str, model: str) -> None:
@@ -101,17 +181,32 @@ def check_capacity(store: JobStore, settings: Settings, owner: str, model: str) 
     a burst of concurrent requests can overshoot it by the burst's size, which is fine for a load-shedding cap.
     """
     if store.inflight(owner) >= settings.max_inflight_per_key:
-        raise too_many_inflight(settings)
+        raise too_many_inflight(store, settings, owner)
     if store.queue(model).count >= settings.max_queue_depth:
         raise too_many(f"The queue of model {model} is full; retry later.", "queue_full", 30)
 
 
-def too_many_inflight(settings: Settings) -> Throttled:
+def too_many_inflight(store: JobStore, settings: Settings, owner: str) -> Throttled:
     return too_many(
         f"You have {settings.max_inflight_per_key} videos queued or in progress; wait for one to finish.",
         "too_many_inflight",
-        5,
+        first_slot_free_s(store, owner),
     )
+
+
+def first_slot_free_s(store: JobStore, owner: str, fallback_s: float = 5.0) -> float:
+    """Seconds until the key's first job in flight is expected to finish (its estimated_completion_at), so a
+    client's retry lands when a slot is free rather than after a fixed guess; the fallback while nothing has
+    been timed yet. Only the key's oldest few jobs are looked at: running jobs finish first."""
+    names = [keys.video(keys.text(m)) for m in store.r.smembers(keys.inflight(owner))]
+    raws = store.r.mget(names) if names else []
+    records = [JobRecord.model_validate_json(raw) for raw in raws if raw]
+    records = [rec for rec in records if rec.status not in TERMINAL]
+    records.sort(key=lambda rec: (rec.status != "in_progress", rec.created_at))
+    now = time.time()
+    etas = [store.view(rec).estimated_completion_at for rec in records[:4]]
+    known = [eta - now for eta in etas if eta is not None]
+    return min(max(min(known), 1.0), 3600.0) if known else fallback_s
 
 
 def fingerprint(req: VideoCreate, image: bytes | None) -> str:

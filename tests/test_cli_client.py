@@ -157,7 +157,8 @@ def test_generate_with_an_image_and_no_image_model_online_is_one_clear_line(redi
     [
         (
             ["--model", "k5-tiny-t2v", "--size", "1x1"],
-            "error: Invalid size '1x1' for model k5-tiny-t2v; supported sizes: 96x64, 64x64, 64x96. (param: size)",
+            "error: Invalid size '1x1' for model k5-tiny-t2v; supported sizes: 96x64, 64x64, 64x96 "
+            "(the nearest in aspect ratio is 64x64). (param: size)",
         ),
         (["--model", "no-such-model"], "error: "),
         (["--model", "k5-tiny-i2v"], "error: "),  # image-to-video without an image

@@ -11,7 +11,7 @@ from fastapi.responses import FileResponse, RedirectResponse, StreamingResponse
 from service import videos
 from service.deps import OwnerDep, SettingsDep, StorageDep, StoreDep
 from service.errors import responses
-from service.forms import parse_create
+from service.forms import parse_create, parse_remix
 from service.jobs import Variant
 from service.schemas import TERMINAL, VIDEO_ID_PATTERN, Video, VideoDeleted, VideoList
 
@@ -20,6 +20,15 @@ router = APIRouter(prefix="/v1", tags=["videos"])
 VideoId = Annotated[str, Path(description="The video's id.")]
 # How long clients should wait between polls of a job that is not finished (the openai SDK reads this).
 POLL_AFTER_MS = "1000"
+
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        min_length=1,
+        max_length=255,
+        description="Send the same key to retry safely: the same request returns the original video (24 h).",
+    ),
+]
 
 _CREATE_BODY = {
     "requestBody": {
@@ -48,19 +57,47 @@ async def create_video(
     store: StoreDep,
     storage: StorageDep,
     settings: SettingsDep,
-    idempotency_key: Annotated[
-        str | None,
-        Header(
-            min_length=1,
-            max_length=255,
-            description="Send the same key to retry safely: the same request returns the original video (24 h).",
-        ),
-    ] = None,
+    idempotency_key: IdempotencyKey = None,
 ) -> Video:
     """Create a video generation job (JSON or multipart/form-data). The answer has status `queued`."""
     body, image = await parse_create(request, settings)
     rec, replayed = await run_in_threadpool(
         videos.submit, body, store, storage, settings, image, owner=owner, idempotency_key=idempotency_key
+    )
+    if replayed:
+        response.headers["Idempotent-Replayed"] = "true"
+    return await run_in_threadpool(store.view, rec)
+
+
+@router.post(
+    "/videos/{video_id}/remix",
+    response_model=Video,
+    responses=responses(400, 401, 404, 409, 410, 413, 415, 429, 503),
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/VideoRemix"}}},
+        }
+    },
+)
+async def remix_video(
+    video_id: VideoId,
+    request: Request,
+    response: Response,
+    owner: OwnerDep,
+    store: StoreDep,
+    storage: StorageDep,
+    settings: SettingsDep,
+    idempotency_key: IdempotencyKey = None,
+) -> Video:
+    """Remix a completed video: a new video with a new prompt.
+
+    The new job takes the source's model, size, seconds, seed, negative prompt, steps, guidance and input image,
+    and names its source in `remixed_from_video_id`.
+    """
+    body = await parse_remix(request)
+    rec, replayed = await run_in_threadpool(
+        videos.remix, video_id, body.prompt, store, storage, settings, owner=owner, idempotency_key=idempotency_key
     )
     if replayed:
         response.headers["Idempotent-Replayed"] = "true"
