@@ -77,7 +77,12 @@ class Settings(BaseSettings):
     webhook_retry_base_s: float = Field(5.0, gt=0)
     webhook_retry_max_s: float = Field(3600.0, gt=0)
     webhook_retry_window_s: float = Field(24 * 3600.0, gt=0)
+    # Total deadline of one delivery attempt: connect, send and the response's status line and headers.
     webhook_timeout_s: float = Field(10.0, gt=0)
+    # Attempts in flight at once per webhook process, and per endpoint (scheme, host and port): a slow
+    # receiver holds at most its own share, never the others' events.
+    webhook_concurrency: int = Field(32, ge=1, le=1024)
+    webhook_endpoint_concurrency: int = Field(4, ge=1, le=1024)
 
     # -- workers: recovery and shutdown --------------------------------------------------------------------
     # Attempts of a job whose worker died (SIGKILL, node loss) before it fails with worker_lost.
