@@ -45,7 +45,11 @@ def gateway(workers: int) -> None:
 
     import uvicorn
 
+    from service.localstack import port_busy_message
+
     settings = _settings()
+    if message := port_busy_message(settings.host, settings.port):
+        raise SystemExit(f"k5serve gateway: {message}")
     if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         # Several processes behind one port: /metrics must add up all of them, through files in a shared dir.
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="k5-metrics-")
