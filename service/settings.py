@@ -29,6 +29,11 @@ class Settings(BaseSettings):
     s3_region: str = "us-east-1"
     # Lifetime of a presigned download URL handed out by /content redirects.
     presign_ttl_s: int = Field(3600, ge=60, le=7 * 86400)
+    # How long a worker keeps retrying the upload of a finished video while the object store is away (a
+    # restart, a failover), keeping the encoded files, before the job fails with storage_error.
+    storage_retry_window_s: float = Field(300.0, ge=0)
+    # A local-disk store with less free space than this is full: not ready, and new jobs get 503.
+    storage_min_free_mb: int = Field(256, ge=0)
     # How long finished videos are kept; the video object's expires_at is completed_at + this.
     asset_ttl_s: int = Field(7 * 86400, ge=60)
 

@@ -17,7 +17,7 @@ from service.images import decode_data_url, prepare_image
 from service.jobs import INPUT_IMAGE, VARIANTS, JobRecord, JobStore, RequestRejected, asset_key, plan_job
 from service.schemas import TERMINAL, VideoCreate
 from service.settings import Settings
-from service.storage import Storage
+from service.storage import Storage, StorageError, StorageFull
 from service.webhooks import UnsafeURL, URLPolicy
 
 log = logging.getLogger(__name__)
@@ -65,6 +65,7 @@ def submit(
     rec = plan_job(req, spec, has_image=image is not None)
     rec.owner = owner
     check_capacity(store, settings, owner, spec.id)
+    check_storage(storage.available)
     if idempotency_key is not None:
         existing = store.claim_idempotency(owner, idempotency_key, fingerprint(req, image), rec.id)
         if existing is not None:
@@ -75,7 +76,7 @@ def submit(
                 image, rec.width, rec.height, max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels
             )
             rec.input_key = asset_key(rec.id, INPUT_IMAGE)
-            storage.put_bytes(rec.input_key, png, "image/png")
+            check_storage(lambda: storage.put_bytes(rec.input_key, png, "image/png"))
         if not store.create(rec, max_inflight=settings.max_inflight_per_key):
             if rec.input_key:
                 storage.delete_prefix(rec.id)
@@ -98,6 +99,22 @@ def check_capacity(store: JobStore, settings: Settings, owner: str, model: str) 
         raise too_many_inflight(settings)
     if store.queue(model).count >= settings.max_queue_depth:
         raise too_many(f"The queue of model {model} is full; retry later.", "queue_full", 30)
+
+
+def check_storage(call: Callable[[], None]) -> None:
+    """A store that is away or full refuses new jobs with a 503 and Retry-After (which clients retry), rather
+    than accepting work whose video could not be kept."""
+    try:
+        call()
+    except StorageError as e:
+        full = isinstance(e, StorageFull)
+        err = RequestRejected(
+            f"The server's storage is {'full' if full else 'unavailable'}; retry later.",
+            code="storage_full" if full else "storage_unavailable",
+            status=503,
+        )
+        err.headers = {"Retry-After": "30" if full else "5"}
+        raise err from e
 
 
 def too_many_inflight(settings: Settings) -> RequestRejected:
