@@ -111,6 +111,15 @@ def new_video_id() -> str:
     return f"video_{time.time_ns():016x}{secrets.token_hex(8)}"
 
 
+# Pub/sub channel of record changes ("<video id> <model>"), for the gateway's event streams (service/feed.py).
+CHANGES = "k5:changes"
+
+
+def publish_change(pipe: Any, rec: JobRecord) -> None:
+    """Tell event streams the record changed, in the writer's MULTI: subscribers read it after it is written."""
+    pipe.publish(CHANGES, f"{rec.id} {rec.model}")
+
+
 def video_key(video_id: str) -> str:
     return f"k5:video:{video_id}"
 
@@ -304,6 +313,7 @@ class JobStore:
         with self.r.pipeline() as pipe:
             pipe.delete(video_key(rec.id))
             pipe.zrem(index_key(rec.owner), rec.id)
+            publish_change(pipe, rec)
             pipe.execute()
 
     def update(
@@ -345,6 +355,7 @@ class JobStore:
                     new = rec.model_copy(update={**changes, "status": new_status})
                     pipe.multi()
                     pipe.set(key, new.model_dump_json(), keepttl=True)
+                    publish_change(pipe, new)
                     if new_status in TERMINAL and new_status != rec.status:
                         pipe.expire(key, self.record_ttl_s)
                         self.terminal_effects(pipe, new)

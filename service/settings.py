@@ -71,6 +71,11 @@ class Settings(BaseSettings):
     # Per-model cap on queued jobs; beyond it new requests get 429.
     max_queue_depth: int = Field(1000, ge=1)
 
+    # Event streams (GET /v1/videos/{id}/events): open at once per API key and gateway process, and how long one
+    # lasts before the client reconnects (with Last-Event-ID); a comment line keeps idle proxies open meanwhile.
+    sse_max_streams_per_key: int = Field(16, ge=1)
+    sse_max_lifetime_s: float = Field(600.0, gt=0)
+    sse_ping_s: float = Field(15.0, gt=0)
     # -- webhooks -----------------------------------------------------------------------------------------
     # Standard Webhooks signing secret(s), "whsec_<base64>"; several space-separated during a rotation.
     webhook_secret: str | None = None
