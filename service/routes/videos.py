@@ -106,7 +106,7 @@ def retrieve_video(video_id: VideoId, owner: OwnerDep, store: StoreDep, response
             "when the key has K5_SSE_MAX_STREAMS_PER_KEY streams open.",
             "content": {"text/event-stream": {"schema": {"type": "string"}}},
         },
-        **responses(404, 401, 429, 503),
+        **responses(400, 404, 401, 429, 503),
     },
 )
 async def video_events(
