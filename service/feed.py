@@ -1,9 +1,9 @@
 """Record changes pushed to the gateway's event streams: one Redis pub/sub connection per gateway process.
 
-Every write of a job record publishes "<video id> <model>" on k5:changes (service/jobs.py, in the same MULTI).
-A stream waits on its video's changes instead of polling Redis; a queued video also wakes on its model's
-changes, since its queue position moves when a job ahead of it starts. A message lost while the subscription
-reconnects is covered by each stream's slow re-read (FALLBACK_S).
+Every write of a job record publishes its id on k5:changes (service/jobs.py, in the same MULTI), with its
+model when its status changed. A stream waits on its video's changes instead of polling Redis; a queued video
+also wakes on its model's status changes, since its queue position moves when a job ahead of it starts.
+A message lost while the subscription reconnects is covered by each stream's slow re-read (FALLBACK_S).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from service.jobs import CHANGES
 
 log = logging.getLogger(__name__)
 
-FALLBACK_S = 5.0  # a stream re-reads its record at least this often, messages or not
+FALLBACK_S = 15.0  # a stream re-reads its record at least this often, messages or not
 
 
 class ChangeFeed:
@@ -65,8 +65,9 @@ class ChangeFeed:
         video_id, _, model = message.partition(" ")
         for event in self.by_video.get(video_id, ()):
             event.set()
-        for event in self.by_model.get(model, ()):
-            event.set()
+        if model:
+            for event in self.by_model.get(model, ()):
+                event.set()
 
 
 def _discard(index: dict[str, set[asyncio.Event]], key: str, event: asyncio.Event) -> None:

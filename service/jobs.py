@@ -115,9 +115,10 @@ def new_video_id() -> str:
 CHANGES = "k5:changes"
 
 
-def publish_change(pipe: Any, rec: JobRecord) -> None:
-    """Tell event streams the record changed, in the writer's MULTI: subscribers read it after it is written."""
-    pipe.publish(CHANGES, f"{rec.id} {rec.model}")
+def publish_change(pipe: Any, rec: JobRecord, moved: bool = True) -> None:
+    """Tell event streams the record changed, in the writer's MULTI: subscribers read it after it is written.
+    moved: its status changed, which moves the queue positions of its model's queued jobs (progress does not)."""
+    pipe.publish(CHANGES, f"{rec.id} {rec.model}" if moved else rec.id)
 
 
 def video_key(video_id: str) -> str:
@@ -355,7 +356,7 @@ class JobStore:
                     new = rec.model_copy(update={**changes, "status": new_status})
                     pipe.multi()
                     pipe.set(key, new.model_dump_json(), keepttl=True)
-                    publish_change(pipe, new)
+                    publish_change(pipe, new, moved=new_status != rec.status)
                     if new_status in TERMINAL and new_status != rec.status:
                         pipe.expire(key, self.record_ttl_s)
                         self.terminal_effects(pipe, new)
