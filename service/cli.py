@@ -50,9 +50,12 @@ def gateway(workers: int) -> None:
 
     import uvicorn
 
+    from service.localstack import port_busy_message
     from service.server import GatewayProtocol
 
     settings = _settings()
+    if message := port_busy_message(settings.host, settings.port):
+        raise SystemExit(f"k5serve gateway: {message}")
     options: dict[str, Any] = {
         "factory": True,
         "host": settings.host,

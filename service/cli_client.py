@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -34,6 +35,8 @@ from rich.text import Text
 from service.client import EXTENSIONS, TERMINAL, APIError, ClientError, K5Client, Variant
 
 DEFAULT_SERVER = "http://127.0.0.1:8000"
+# What a gateway bound to every interface is reached at from this machine.
+_ANY_HOST = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}
 EXIT_ERROR = 1
 EXIT_INTERRUPTED = 130  # what shells report for a command ended by SIGINT
 
@@ -58,6 +61,15 @@ out = _console(stderr=False)
 # -- shared options and error handling -------------------------------------------------------------------------
 
 
+def default_server() -> str:
+    """The gateway this machine's `k5serve gateway` or `k5serve dev` would serve: K5_HOST and K5_PORT (as the
+    server reads them), else 127.0.0.1:8000. K5_SERVER or --server override it."""
+    host = os.environ.get("K5_HOST", "127.0.0.1").strip()
+    host = _ANY_HOST.get(host, host)
+    port = os.environ.get("K5_PORT", "8000").strip() or "8000"
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
 def _server_options(command: Callable[P, R]) -> Callable[P, R]:
     """--server and --api-key on every command (the gateway group `main` takes no options of its own)."""
     command = click.option(
@@ -69,8 +81,8 @@ def _server_options(command: Callable[P, R]) -> Callable[P, R]:
     return click.option(
         "--server",
         envvar="K5_SERVER",
-        default=DEFAULT_SERVER,
-        show_default=True,
+        default=default_server,
+        show_default="http://K5_HOST:K5_PORT, i.e. " + DEFAULT_SERVER + " unless those are set",
         show_envvar=True,
         help="Base URL of the k5serve gateway.",
     )(command)

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import httpx
 
-from service.localstack import RedisServer, SeaweedS3, free_port
+from service.dev_state import ChildRecord
+from service.localstack import RedisServer, SeaweedS3, die_with_parent, free_port, port_busy_message
 from service.models import SPEC_FILE, resolve_model
 from service.settings import Settings
 from service.webhooks import new_secret
@@ -34,8 +35,11 @@ STOP_MARGIN_S = 30.0
 
 
 def _child(command: str, env: dict[str, str]) -> subprocess.Popen:
-    # Own sessions: Ctrl-C reaches only `k5serve dev`, which then stops workers and gateway before Redis.
-    return subprocess.Popen([sys.executable, "-m", "service.cli", command], env=env, start_new_session=True)
+    # Own sessions: Ctrl-C reaches only `k5serve dev`, which then stops workers and gateway before Redis. And each
+    # gets SIGTERM if `k5serve dev` dies without stopping them (a SIGKILL, an OOM kill): none outlives the stack.
+    return subprocess.Popen(
+        [sys.executable, "-m", "service.cli", command], env=env, start_new_session=True, preexec_fn=die_with_parent()
+    )
 
 
 def _tiny_models(state_dir: Path, env: dict[str, str]) -> list[str]:
@@ -60,6 +64,10 @@ def _webhook_secret(state_dir: Path) -> str:
 
 
 def run_dev(settings: Settings, state_dir: Path, use_s3: bool = False) -> int:
+    record = ChildRecord(state_dir)
+    record.claim()  # refuses a second live `k5serve dev` here; stops what a killed one left running
+    if message := port_busy_message(settings.host, settings.port):
+        raise SystemExit(f"k5serve dev: {message}")
     env = dict(os.environ)
     env.setdefault("K5_ALLOW_ANONYMOUS", "true")
     env.setdefault("HF_HUB_OFFLINE", "1" if "K5_MODEL" not in os.environ else env.get("HF_HUB_OFFLINE", "0"))
@@ -67,10 +75,11 @@ def run_dev(settings: Settings, state_dir: Path, use_s3: bool = False) -> int:
     env["K5_SHUTDOWN_GRACE_S"] = str(grace_s)
     private_s3 = use_s3 and "K5_STORAGE_URL" not in os.environ
     with contextlib.ExitStack() as stack:
+        stack.callback(record.release)  # runs last, once everything it lists is stopped
         redis_url = None
         if "K5_REDIS_URL" not in os.environ:
             # Persistent unless the videos are not: a fresh SeaweedFS would leave the records pointing at nothing.
-            redis_server = RedisServer(state_dir / "redis", appendonly=not private_s3)
+            redis_server = RedisServer(state_dir / "redis", appendonly=not private_s3, die_with_owner=True)
             if (pid := redis_server.running_elsewhere()) is not None:
                 raise SystemExit(
                     f"k5serve dev: redis-server (pid {pid}) still runs on {redis_server.workdir}: another `k5serve dev`"
@@ -78,10 +87,12 @@ def run_dev(settings: Settings, state_dir: Path, use_s3: bool = False) -> int:
                 )
             redis_server.start()
             stack.callback(redis_server.stop)
+            record.add(redis_server.proc)
             env["K5_REDIS_URL"] = redis_url = redis_server.url
         if private_s3:
-            s3 = SeaweedS3(state_dir / f"s3-{os.getpid()}").start()
+            s3 = SeaweedS3(state_dir / f"s3-{os.getpid()}", die_with_owner=True).start()
             stack.callback(s3.stop)
+            record.add(s3.proc)
             env.update(s3.env, K5_STORAGE_URL="s3://k5serve/videos", K5_S3_ENDPOINT_URL=s3.endpoint)
             os.environ.update(s3.env)
             from service.storage import S3Storage
@@ -105,6 +116,8 @@ def run_dev(settings: Settings, state_dir: Path, use_s3: bool = False) -> int:
         ports["webhooks"] = port = free_port()
         children.append((_child("webhooks", {**env, "K5_METRICS_PORT": str(port)}), STOP_MARGIN_S))
         children.append((_child("gateway", env), STOP_MARGIN_S))
+        for child, _ in children:
+            record.add(child)
 
         # SIGTERM (e.g. from `timeout` or a supervisor) and SIGHUP (the terminal closed) stop the stack like Ctrl-C.
         signal.signal(signal.SIGTERM, _interrupt)
@@ -178,11 +191,16 @@ def _banner(
     grace_s: float,
 ) -> None:
     base = f"http://{settings.host}:{settings.port}"
+    # A client in another terminal reads the same variables; one set only in this shell must be set there too.
+    port_hint = "" if settings.port == 8000 else f" (here K5_PORT={settings.port}: export it there too)"
     metrics_urls = ", ".join(f"{name} :{port}" for name, port in ports.items())
     redis = f"{redis_url} (K5_REDIS_URL for k5serve deliveries)" if redis_url else "K5_REDIS_URL, as configured"
     print(
         f"""
 k5serve is ready at {base}  (models: {", ".join(model_ids)}; Ctrl-C stops everything)
+  clients: `k5serve generate`, `k5serve videos`, `k5serve models` in another terminal find it through K5_HOST
+  and K5_PORT{port_hint},
+  or K5_SERVER={base} (the openai SDK: base_url={base}/v1)
   metrics: {base}/metrics, {metrics_urls}
   redis: {redis}
   webhook signing secret: {secret}

@@ -46,6 +46,9 @@ EXPIRY = "k5:expiry"
 JANITOR_LOCK = "k5:lock:janitor"
 MODELS = "k5:models"
 WEBHOOKS_DUE = "k5:webhooks:due"
+# Pub/sub channel of record changes ("<video id> <model>", or "<video id>" for progress), for the gateway's event
+# streams (service/feed.py); published by the lifecycle in the writing transaction.
+CHANGES = "k5:changes"
 
 
 def video(video_id: str) -> str:

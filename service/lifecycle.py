@@ -64,6 +64,12 @@ end
 """
 
 
+def publish_change(pipe: Any, rec: JobRecord, moved: bool = True) -> None:
+    """Tell event streams the record changed, in the writer's MULTI: subscribers read it after it is written.
+    moved: its status changed, which moves the queue positions of its model's queued jobs (progress does not)."""
+    pipe.publish(keys.CHANGES, f"{rec.id} {rec.model}" if moved else rec.id)
+
+
 class Lifecycle:
     def __init__(self, store: JobStore) -> None:
         self.store, self.r, self.settings = store, store.r, store.settings
@@ -137,6 +143,7 @@ class Lifecycle:
         with self.r.pipeline() as pipe:
             pipe.delete(keys.video(rec.id))
             pipe.zrem(keys.videos(rec.owner), rec.id)
+            publish_change(pipe, rec)
             pipe.execute()
 
     # -- a worker's run ------------------------------------------------------------------------------------
@@ -301,6 +308,8 @@ class Lifecycle:
         rec, video_id = move.record, move.record.id
         akey, lkey = keys.attempt(video_id), keys.lease(video_id)
         pipe.set(keys.video(video_id), rec.model_dump_json(), keepttl=True)
+        moved = snap.record is None or snap.record.status != rec.status
+        publish_change(pipe, rec, moved=moved)
         if move.attempts is not None:
             pipe.hset(akey, "n", move.attempts)
         if move.token is not None:  # a run starts: it owns the job and holds its lease

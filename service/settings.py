@@ -41,6 +41,11 @@ class Settings(BaseSettings):
     s3_region: str = "us-east-1"
     # Lifetime of a presigned download URL handed out by /content redirects.
     presign_ttl_s: int = Field(3600, ge=60, le=7 * 86400)
+    # How long a worker keeps retrying the upload of a finished video while the object store is away (a
+    # restart, a failover), keeping the encoded files, before the job fails with storage_error.
+    storage_retry_window_s: float = Field(300.0, ge=0)
+    # A local-disk store with less free space than this is full: not ready, and new jobs get 503.
+    storage_min_free_mb: int = Field(256, ge=0)
     # How long finished videos are kept; the video object's expires_at is completed_at + this.
     asset_ttl_s: int = Field(7 * 86400, ge=60)
 
@@ -94,6 +99,11 @@ class Settings(BaseSettings):
     # Per-model cap on queued jobs; beyond it new requests get 429.
     max_queue_depth: int = Field(1000, ge=1)
 
+    # Event streams (GET /v1/videos/{id}/events): open at once per API key and gateway process, and how long one
+    # lasts before the client reconnects (with Last-Event-ID); a comment line keeps idle proxies open meanwhile.
+    sse_max_streams_per_key: int = Field(16, ge=1)
+    sse_max_lifetime_s: float = Field(600.0, gt=0)
+    sse_ping_s: float = Field(15.0, gt=0)
     # -- webhooks -----------------------------------------------------------------------------------------
     # Standard Webhooks signing secret(s), "whsec_<base64>"; several space-separated during a rotation.
     webhook_secret: str | None = None
@@ -105,7 +115,12 @@ class Settings(BaseSettings):
     webhook_retry_base_s: float = Field(5.0, gt=0)
     webhook_retry_max_s: float = Field(3600.0, gt=0)
     webhook_retry_window_s: float = Field(24 * 3600.0, gt=0)
+    # Total deadline of one delivery attempt: connect, send and the response's status line and headers.
     webhook_timeout_s: float = Field(10.0, gt=0)
+    # Attempts in flight at once per webhook process, and per endpoint (scheme, host and port): a slow
+    # receiver holds at most its own share, never the others' events.
+    webhook_concurrency: int = Field(32, ge=1, le=1024)
+    webhook_endpoint_concurrency: int = Field(4, ge=1, le=1024)
 
     # -- workers: recovery and shutdown --------------------------------------------------------------------
     # Attempts of a job whose worker died (SIGKILL, node loss) before it fails with worker_lost.

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,15 +16,16 @@ from starlette.concurrency import run_in_threadpool
 
 from service import keys
 from service.auth import too_many
+from service.feed import FALLBACK_S, ChangeFeed, feed_for
 from service.idempotency import IdempotencyKey, replay
 from service.images import decode_data_url, prepare_image
 from service.jobs import INPUT_IMAGE, VARIANTS, JobRecord, JobStore, asset_key, plan_job
 from service.lifecycle import Lifecycle
 from service.models import ModelSpec, parse_size, resolve_alias
-from service.problems import Conflict, Gone, InvalidParameter, NotFound, Throttled
+from service.problems import Conflict, Gone, InvalidParameter, NotFound, Throttled, Unavailable
 from service.schemas import TERMINAL, VideoCreate
 from service.settings import Settings
-from service.storage import Storage, StorageError
+from service.storage import Storage, StorageError, StorageFull
 from service.webhooks import UnsafeURL, URLPolicy
 
 log = logging.getLogger(__name__)
@@ -76,6 +78,7 @@ def submit(
         if (earlier := replay(store.r, idem)) is not None:
             return earlier, True
     check_capacity(store, settings, owner, spec.id)
+    check_storage(storage.available)
     if image is not None:
         png = prepare_image(
             image,
@@ -85,8 +88,8 @@ def submit(
             max_pixels=settings.max_image_pixels,
             max_decodes=settings.max_concurrent_decodes,
         )
-        rec.input_key = asset_key(rec.id, INPUT_IMAGE)
-        storage.put_bytes(rec.input_key, png, "image/png")
+        key = rec.input_key = asset_key(rec.id, INPUT_IMAGE)
+        check_storage(lambda: storage.put_bytes(key, png, "image/png"))
     try:
         made = Lifecycle(store).create(rec, max_inflight=settings.max_inflight_per_key, idem=idem)
     except BaseException:
@@ -186,6 +189,20 @@ def check_capacity(store: JobStore, settings: Settings, owner: str, model: str) 
         raise too_many(f"The queue of model {model} is full; retry later.", "queue_full", 30)
 
 
+def check_storage(call: Callable[[], None]) -> None:
+    """A store that is away or full refuses new jobs with a 503 and Retry-After (which clients retry), rather
+    than accepting work whose video could not be kept."""
+    try:
+        call()
+    except StorageError as e:
+        full = isinstance(e, StorageFull)
+        raise Unavailable(
+            f"The server's storage is {'full' if full else 'unavailable'}; retry later.",
+            code="storage_full" if full else "storage_unavailable",
+            retry_after_s=30 if full else 5,
+        ) from e
+
+
 def too_many_inflight(store: JobStore, settings: Settings, owner: str) -> Throttled:
     return too_many(
         f"You have {settings.max_inflight_per_key} videos queued or in progress; wait for one to finish.",
@@ -251,31 +268,105 @@ def delete(store: JobStore, storage: Storage, video_id: str, owner: str) -> None
     life.remove(rec)
 
 
-async def events(
-    store: JobStore, video_id: str, disconnected: Callable[[], Awaitable[bool]], poll_s: float = 0.25
-) -> AsyncIterator[str]:
-    """SSE frames for one video until it is terminal, deleted, or the client goes away.
+def event_id(view) -> str:
+    """The id of a state: a stream resumed with Last-Event-ID skips a state the client already has."""
+    return f"{view.status}.{view.progress}.{view.queue_position}"
 
-    Polls the record rather than subscribing: a poll cannot miss an update, and 4 GETs a second per open
-    stream is nothing for Redis.
-    """
-    last_key = None
+
+async def events(
+    store: JobStore,
+    feed: ChangeFeed,
+    video_id: str,
+    *,
+    last_event_id: str | None = None,
+    lifetime_s: float = 600.0,
+    ping_s: float = 15.0,
+) -> AsyncIterator[str]:
+    """SSE frames for one video until it is terminal, deleted, or the stream's lifetime ends (then the client
+    reconnects, sending Last-Event-ID). Woken by the change feed, not by polling: an idle stream costs Redis
+    nothing but a re-read every few seconds (FALLBACK_S), in case a message was missed."""
+    rec = await run_in_threadpool(store.get, video_id)
+    if rec is None:
+        return
+    deadline = time.monotonic() + lifetime_s
     last_sent = time.monotonic()
-    while not await disconnected():
-        rec = await run_in_threadpool(store.get, video_id)
-        if rec is None:
-            return
-        view = await run_in_threadpool(store.view, rec)
-        key = (view.status, view.progress, view.queue_position, view.error)
-        if key != last_key:
-            yield f"event: video\ndata: {view.model_dump_json()}\n\n"
-            last_key, last_sent = key, time.monotonic()
-        elif time.monotonic() - last_sent > 15:
-            yield ": ping\n\n"  # keeps proxies from closing an idle stream
-            last_sent = time.monotonic()
-        if view.status in TERMINAL:
-            return
-        await asyncio.sleep(poll_s)
+    with feed.watch(video_id, rec.model) as changed:
+        while True:
+            changed.clear()
+            rec = await run_in_threadpool(store.get, video_id)
+            if rec is None:
+                return
+            view = await run_in_threadpool(store.view, rec)
+            eid = event_id(view)
+            if eid != last_event_id:
+                yield f"id: {eid}\nevent: video\ndata: {view.model_dump_json()}\n\n"
+                last_event_id, last_sent = eid, time.monotonic()
+            if view.status in TERMINAL:
+                return
+            # Until a change, the slow re-read, or the end of the lifetime; pings meanwhile.
+            reread_at = time.monotonic() + FALLBACK_S
+            while True:
+                now = time.monotonic()
+                if now >= deadline:
+                    yield "retry: 1000\n\n"  # lifetime over: reconnect in a second, resuming from the id above
+                    return
+                try:
+                    await asyncio.wait_for(changed.wait(), max(0.0, min(deadline, last_sent + ping_s, reread_at) - now))
+                    break
+                except TimeoutError:
+                    pass
+                if time.monotonic() - last_sent >= ping_s:
+                    yield ": ping\n\n"  # keeps proxies from closing an idle stream
+                    last_sent = time.monotonic()
+                if time.monotonic() >= reread_at:
+                    break
+            await asyncio.sleep(0.05)  # coalesce a burst of step updates into one read
+
+
+class StreamLimit:
+    """Event streams open per API key in this process: a cap, so one key cannot hold the gateway's streams."""
+
+    def __init__(self) -> None:
+        self.open: dict[str, int] = {}
+
+    @contextlib.contextmanager
+    def hold(self, owner: str, cap: int) -> Iterator[None]:
+        if self.open.get(owner, 0) >= cap:
+            raise too_many(f"You have {cap} event streams open; close one first.", "too_many_streams", 5)
+        self.open[owner] = self.open.get(owner, 0) + 1
+        try:
+            yield
+        finally:
+            self.open[owner] -= 1
+            if not self.open[owner]:
+                del self.open[owner]
+
+
+STREAMS = StreamLimit()
+
+
+def open_stream(
+    store: JobStore, settings: Settings, video_id: str, owner: str, last_event_id: str | None
+) -> AsyncIterator[str]:
+    """GET /v1/videos/{id}/events: refuses (429) a key at its cap of open streams before the stream starts."""
+    cap = settings.sse_max_streams_per_key
+    with STREAMS.hold(owner, cap):
+        pass  # the check only; the stream holds its slot while it runs
+
+    async def frames() -> AsyncIterator[str]:
+        with STREAMS.hold(owner, cap):
+            feed = feed_for(settings.redis_url)
+            async for frame in events(
+                store,
+                feed,
+                video_id,
+                last_event_id=last_event_id,
+                lifetime_s=settings.sse_max_lifetime_s,
+                ping_s=settings.sse_ping_s,
+            ):
+                yield frame
+
+    return frames()
 
 
 def get_owned(store: JobStore, video_id: str, owner: str) -> JobRecord:

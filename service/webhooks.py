@@ -75,8 +75,9 @@ class URLPolicy:
             except ValueError:
                 self.hosts.add(item.lower())
 
-    def check(self, url: str) -> None:
-        """Raises UnsafeURL unless every address the URL's host resolves to may be called."""
+    def check(self, url: str) -> list[str] | None:
+        """Raises UnsafeURL unless every address the URL's host resolves to may be called; returns those addresses,
+        for the sender to connect to (never a second lookup), or None for a host allowed by name."""
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https"):
             raise UnsafeURL("webhook URLs must be http or https")
@@ -86,24 +87,59 @@ class URLPolicy:
         if parts.username or parts.password:
             raise UnsafeURL("webhook URLs may not carry credentials")
         if host in self.hosts:
-            return
+            return None
         try:
             port = parts.port or (443 if parts.scheme == "https" else 80)
         except ValueError as e:
             raise UnsafeURL("the webhook URL has an invalid port") from e
         try:
-            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            infos = self.resolve(host, port)
         except (socket.gaierror, UnicodeError) as e:
             raise UnsafeURL(f"the webhook host {host!r} does not resolve") from e
-        for info in infos:
-            ip = ipaddress.ip_address(str(info[4][0]).split("%")[0])
-            if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
-                ip = ip.ipv4_mapped
-            if any(ip in net for net in self.networks):
-                continue
-            # is_global excludes loopback, private, link-local (incl. 169.254.169.254 metadata), CGNAT, reserved.
-            if not ip.is_global or ip.is_multicast:
-                raise UnsafeURL(f"the webhook host {host!r} resolves to a non-public address ({ip})")
+        addresses = list(dict.fromkeys(info[4][0].split("%")[0] for info in infos))
+        for address in addresses:
+            forms = [ipaddress.ip_address(address)]
+            forms += embedded(forms[0])
+            if not any(self._allowed(ip) for ip in forms) and not all(is_public(ip) for ip in forms):
+                raise UnsafeURL(f"the webhook host {host!r} resolves to a non-public address ({address})")
+        return addresses
+
+    def _allowed(self, ip: IP) -> bool:
+        return any(ip in net for net in self.networks)
+
+    @staticmethod
+    def resolve(host: str, port: int) -> list[Any]:
+        return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+
+
+IP = ipaddress.IPv4Address | ipaddress.IPv6Address
+# Not globally reachable, though the ipaddress module's is_global says otherwise on the Pythons we run.
+_NON_PUBLIC = [ipaddress.ip_network(n) for n in ("192.0.0.0/24", "64:ff9b:1::/48")]
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+
+def embedded(ip: IP) -> list[IP]:
+    """The IPv4 addresses an IPv6 address carries and that a router or the kernel may end up reaching: mapped
+    (::ffff:a.b.c.d), IPv4-compatible (::a.b.c.d), NAT64 (64:ff9b::a.b.c.d), 6to4 (2002:AABB:CCDD::) and Teredo."""
+    if not isinstance(ip, ipaddress.IPv6Address):
+        return []
+    found: list[IP] = []
+    if ip.ipv4_mapped:
+        found.append(ip.ipv4_mapped)
+    if int(ip) >> 32 == 0 and int(ip) > 1:
+        found.append(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
+    if ip in _NAT64:
+        found.append(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
+    if ip.sixtofour:
+        found.append(ip.sixtofour)
+    if ip.teredo:
+        found.extend(ip.teredo)
+    return found
+
+
+def is_public(ip: IP) -> bool:
+    # is_global excludes loopback, private, link-local (incl. 169.254.169.254 metadata), CGNAT, reserved.
+    return ip.is_global and not ip.is_multicast and not any(ip in net for net in _NON_PUBLIC)
 
 
 # -- delivery records -----------------------------------------------------------------------------------------

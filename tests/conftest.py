@@ -7,6 +7,7 @@ import base64
 import contextlib
 import hashlib
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -20,7 +21,7 @@ import redis
 
 from service.auth import owner_of
 from service.jobs import JobStore
-from service.localstack import RedisServer, SeaweedS3, free_port, stop_process, wait_for_port
+from service.localstack import RedisServer, SeaweedS3, die_with_parent, free_port, stop_process, wait_for_port
 from service.models import resolve_model
 from service.settings import Settings
 from service.storage import S3Storage
@@ -30,6 +31,18 @@ BUCKET = "k5test"
 # Two API keys: the stack serves with authentication on, as production does; bob checks isolation.
 API_KEY, OTHER_API_KEY = "sk-test-alice-0123456789", "sk-test-bob-0123456789"
 WEBHOOK_SECRET = "whsec_" + base64.b64encode(b"k5serve-test-webhook-secret-0001").decode()
+
+
+def child_preexec() -> None:
+    """preexec_fn of every process a test starts. SIGINT back to its default: a suite run with SIGINT ignored (a
+    script's background job) hands that on to children, which then never see the Ctrl-C a test sends them. And
+    SIGTERM to the child if this process dies, even by SIGKILL: a killed run leaves no server behind."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    if _die_with_us is not None:
+        _die_with_us()
+
+
+_die_with_us = die_with_parent()
 
 
 @contextlib.contextmanager
@@ -49,6 +62,7 @@ def gateway_process(redis_url: str, tmp_path: Path, *args: str, **env: str) -> I
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        preexec_fn=child_preexec,
     )
     try:
         wait_for_port(port, 60, proc)
@@ -59,14 +73,14 @@ def gateway_process(redis_url: str, tmp_path: Path, *args: str, **env: str) -> I
 
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    server = RedisServer(tmp_path_factory.mktemp("redis"), die_with_owner=True).start()
     yield server
     server.stop()
 
 
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory) -> Iterator[SeaweedS3]:
-    server = SeaweedS3(tmp_path_factory.mktemp("s3")).start()
+    server = SeaweedS3(tmp_path_factory.mktemp("s3"), die_with_owner=True).start()
     os.environ.update(server.env)  # boto3 in this process finds the credentials the standard way
     yield server
     server.stop()
@@ -165,6 +179,7 @@ def start_service(command: str, env: dict[str, str], logdir: Path, name: str) ->
         cwd=ROOT,
         stdout=log.open("wb"),
         stderr=subprocess.STDOUT,
+        preexec_fn=child_preexec,
     )
     return Proc(name, popen, log, port)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -20,7 +21,7 @@ from PIL import Image
 
 from service.client import K5Client, parse_sse
 from service.localstack import free_port
-from tests.conftest import gateway_process
+from tests.conftest import ROOT, child_preexec, gateway_process
 from tests.test_e2e import decode_mp4
 
 SCRIPT = Path(sys.executable).with_name("k5serve")
@@ -285,6 +286,7 @@ def test_generate_shows_the_queue_then_ctrl_c_cancels_the_job(stack, tmp_path):
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            preexec_fn=child_preexec,  # it must see the SIGINT even when the suite runs with SIGINT ignored
         )
         lines: list[str] = []
 
@@ -321,6 +323,33 @@ def test_generate_shows_the_queue_then_ctrl_c_cancels_the_job(stack, tmp_path):
     done = stack.wait(video_id)
     assert done["status"] == "failed" and done["error"]["code"] == "cancelled"
     assert done["progress"] < 100 and not (tmp_path / "never.mp4").exists()
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "0.0.0.0"])
+def test_client_commands_find_the_server_through_k5_host_and_k5_port(stack, host):
+    """No K5_SERVER: the variables the gateway was started with lead the client to it (0.0.0.0 means this host)."""
+    env = cli_env(stack)
+    del env["K5_SERVER"]
+    env.update(K5_HOST=host, K5_PORT=stack.base_url.rsplit(":", 1)[1])
+    out = subprocess.run([*COMMAND, "models", "--json"], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "k5-tiny-t2v" in {m["id"] for m in json.loads(out.stdout)}
+
+
+def test_a_gateway_on_a_busy_port_fails_at_once_and_names_k5_port(redis_server, tmp_path):
+    with socket.create_server(("127.0.0.1", 0)) as held:
+        port = held.getsockname()[1]
+        env = {**os.environ, "K5_PORT": str(port), "K5_REDIS_URL": redis_server.url, "K5_ALLOW_ANONYMOUS": "true"}
+        out = subprocess.run(
+            [sys.executable, "-m", "service.cli", "gateway"],
+            env={**env, "K5_STORAGE_URL": f"file://{tmp_path}"},
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert out.returncode != 0
+    assert f"port {port} on 127.0.0.1 is not free" in out.stderr and f"K5_PORT={port + 1}" in out.stderr, out.stderr
 
 
 def test_watch_follows_a_job_by_server_sent_events(stack):

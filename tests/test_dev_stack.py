@@ -4,6 +4,7 @@ in its state directory, and the short shutdown grace of its workers."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -19,7 +20,7 @@ import pytest
 import redis
 
 from service.localstack import free_port
-from tests.conftest import ROOT
+from tests.conftest import ROOT, child_preexec
 from tests.test_e2e import decode_mp4
 
 # Real `k5serve dev` stacks, each with its own Redis, storage, gateway and workers.
@@ -43,6 +44,7 @@ def start_dev(state_dir, port: int, log) -> subprocess.Popen:
         stdout=log.open("wb"),
         stderr=subprocess.STDOUT,
         start_new_session=True,
+        preexec_fn=child_preexec,  # it must see the Ctrl-C even when the suite runs with SIGINT ignored
     )
 
 
@@ -68,13 +70,44 @@ def wait_done(base: str, video: dict, timeout: float = 120) -> dict:
     return video
 
 
-def ctrl_c(proc: subprocess.Popen) -> int:
-    os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C does: the whole foreground group
+def tree(proc: subprocess.Popen) -> list[psutil.Process]:
+    """The process and all it started, taken while it runs: its children live in sessions of their own, so a
+    kill of its process group would not reach them, and once it is gone they cannot be found from it."""
     try:
+        root = psutil.Process(proc.pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def kill_all(procs: list[psutil.Process]) -> None:
+    for p in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.resume()  # a stopped one would not die of the kill until continued
+            p.kill()
+    psutil.wait_procs(procs, timeout=10)
+
+
+def ctrl_c(proc: subprocess.Popen) -> int:
+    everything = tree(proc)
+    try:
+        os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C does: the whole foreground group
         return proc.wait(60)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        raise
+    finally:
+        # Whatever happened, nothing it started outlives the test.
+        kill_all([p for p in everything if p.is_running()])
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
+def running(procs: list[psutil.Process]) -> list[psutil.Process]:
+    alive = []
+    for p in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                alive.append(p)
+    return alive
 
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
@@ -86,6 +119,9 @@ def test_dev_stack_serves_the_readme_example(tmp_path):
         banner = wait_ready(proc, log)
         base = f"http://127.0.0.1:{port}"
         assert f"curl -s {base}/v1/videos" in banner
+        # How client commands in another terminal find this server.
+        assert f"K5_HOST\n  and K5_PORT (here K5_PORT={port}: export it there too)" in banner
+        assert f"K5_SERVER={base}" in banner
 
         # The README's commands, with curl.
         video = create(base, {"prompt": "a red fox running through fresh snow", "seed": 42})
@@ -181,3 +217,57 @@ def test_dev_stack_keeps_its_data_across_restarts(tmp_path):
     assert rc == 0, log.read_text()
     assert [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE] == []
     assert "Traceback" not in log.read_text(), log.read_text()[-3000:]
+
+
+def test_a_busy_port_fails_at_once_and_names_k5_port(tmp_path):
+    state = tmp_path / "k5"
+    with socket.create_server(("127.0.0.1", 0)) as held:
+        port = held.getsockname()[1]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("K5_")}
+        out = subprocess.run(
+            [sys.executable, "-m", "service.cli", "dev", "--state-dir", str(state)],
+            env={**env, "K5_HOST": "127.0.0.1", "K5_PORT": str(port)},
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            preexec_fn=child_preexec,
+        )
+    assert out.returncode != 0
+    assert f"port {port} on 127.0.0.1 is not free" in out.stderr and f"K5_PORT={port + 1}" in out.stderr, out.stderr
+    # Refused before anything started: no Redis, no tiny models built.
+    assert not (state / "redis").exists() and not (state / "tiny").exists()
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+def test_a_hard_kill_leaves_no_child_and_the_next_start_cleans_up(tmp_path):
+    """SIGKILL of `k5serve dev` alone: every child stops by itself (the parent-death signal), except one that
+    was stopped (SIGSTOP) and so could not act on it; the next start on the same state directory and port
+    stops that one and comes up."""
+    state, port = tmp_path / "k5", free_port()
+    proc = start_dev(state, port, tmp_path / "first.log")
+    everything = tree(proc)
+    try:
+        wait_ready(proc, tmp_path / "first.log")
+        everything = tree(proc)
+        children = everything[1:]
+        assert len(children) >= 5, children
+        (gateway,) = [c for c in children if "gateway" in c.cmdline()]
+        gateway.suspend()  # it holds the port, and cannot die until continued
+        proc.kill()
+        proc.wait(10)
+        psutil.wait_procs([c for c in children if c.pid != gateway.pid], timeout=60)
+        assert running(children) == [gateway], running(children)
+
+        log = tmp_path / "second.log"
+        second = start_dev(state, port, log)
+        try:
+            banner = wait_ready(second, log)
+            assert f"the previous run (pid {proc.pid}) was killed and left 1 process(es) running" in banner
+            assert running([gateway]) == []
+            base = f"http://127.0.0.1:{port}"
+            assert wait_done(base, create(base, {"prompt": "after the crash"}))["status"] == "completed"
+        finally:
+            assert ctrl_c(second) == 0, log.read_text()
+    finally:
+        kill_all(running(everything))

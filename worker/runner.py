@@ -11,6 +11,7 @@ it. A run stores its files under a prefix of its own and deletes only that. A ru
 
 from __future__ import annotations
 
+import errno
 import io
 import logging
 import tempfile
@@ -25,7 +26,7 @@ from PIL import Image
 from service import metrics
 from service.jobs import VARIANTS, JobStore, asset_key
 from service.lifecycle import Lifecycle, Outcome, Run
-from service.storage import Storage, StorageError
+from service.storage import Storage, StorageError, StorageFull
 from worker import encode
 from worker.pipeline import GenerationError, VideoPipeline
 from worker.stats import GenerationStats
@@ -251,8 +252,12 @@ def classify(e: Exception) -> tuple[str, str]:
 
     if isinstance(e, torch.cuda.OutOfMemoryError):
         return "out_of_memory", "The GPU ran out of memory; try a smaller size or a shorter video."
+    if isinstance(e, StorageFull) or (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)):
+        return "storage_full", "The server ran out of disk space for the video; try again later."
     if isinstance(e, StorageError):
         return "storage_error", "The video could not be stored; try again."
+    if isinstance(e, OSError):  # strerror only: the filename would show a server path
+        return "generation_error", f"Generation failed: {type(e).__name__}: {e.strerror or 'I/O error'}"
     if isinstance(e, GenerationError):
         return "generation_error", f"Generation failed: {e}."
     return "generation_error", f"Generation failed: {type(e).__name__}: {e}"

@@ -138,17 +138,26 @@ def retrieve_video(video_id: VideoId, owner: OwnerDep, store: StoreDep, response
     responses={
         200: {
             "description": "Server-Sent Events: `event: video` with the video object as `data`, on every change of "
-            "status, progress or queue position; the stream ends after a terminal status.",
+            "status, progress or queue position, each with an `id` to resume from (Last-Event-ID); the stream "
+            "ends after a terminal status, or after its lifetime with a `retry` hint. 429 `too_many_streams` "
+            "when the key has K5_SSE_MAX_STREAMS_PER_KEY streams open.",
             "content": {"text/event-stream": {"schema": {"type": "string"}}},
         },
-        **responses(404, 401, 429, 503),
+        **responses(400, 404, 401, 429, 503),
     },
 )
-async def video_events(video_id: VideoId, owner: OwnerDep, store: StoreDep, request: Request) -> StreamingResponse:
-    """Live status and progress without a polling loop."""
+async def video_events(
+    video_id: VideoId,
+    owner: OwnerDep,
+    store: StoreDep,
+    settings: SettingsDep,
+    last_event_id: Annotated[str | None, Header(alias="Last-Event-ID", max_length=100)] = None,
+) -> StreamingResponse:
+    """Live status and progress without a polling loop. A stream lasts at most K5_SSE_MAX_LIFETIME_S; the
+    client then reconnects with Last-Event-ID and gets only what changed since."""
     await run_in_threadpool(videos.get_owned, store, video_id, owner)  # a 404 before the stream starts
     return StreamingResponse(
-        videos.events(store, video_id, request.is_disconnected),
+        videos.open_stream(store, settings, video_id, owner, last_event_id),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
