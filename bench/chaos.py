@@ -34,11 +34,11 @@ from pathlib import Path
 import httpx
 import redis
 
-from service.jobs import JobStore
-from service.localstack import RedisServer, SeaweedS3, free_port, stop_process
-from service.models import resolve_model
-from service.settings import Settings
-from service.storage import S3Storage
+from service.console.localstack import RedisServer, SeaweedS3, free_port, stop_process
+from service.contract.jobs import JobStore
+from service.contract.models import resolve_model
+from service.contract.settings import Settings
+from service.contract.storage import S3Storage
 
 ROOT = Path(__file__).resolve().parents[1]
 BUCKET = "k5chaos"

@@ -39,13 +39,13 @@ import redis
 
 from bench import gateway_baseline, load
 from bench.report import table
-from service import keys
-from service.auth import owner_of
-from service.jobs import JobStore, plan_job
-from service.localstack import RedisServer, free_port, stop_process, wait_for_port
-from service.models import TINY
-from service.schemas import VideoCreate
-from service.settings import Settings
+from service.console.localstack import RedisServer, free_port, stop_process, wait_for_port
+from service.contract import keys
+from service.contract.jobs import JobStore, plan_job
+from service.contract.models import TINY
+from service.contract.schemas import VideoCreate
+from service.contract.settings import Settings
+from service.gateway.auth import owner_of
 
 ROOT = Path(__file__).resolve().parents[1]
 API_KEY = "sk-bench-0123456789abcdef"
@@ -54,7 +54,7 @@ REQUEST = {"prompt": "a lighthouse at dusk, waves breaking", "model": SPEC.id, "
 ENDPOINTS = ["POST /v1/videos", "GET /v1/videos/{id}", "GET /v1/videos?limit=100", "GET /v1/models"]
 BASE_QUEUED = 100  # the main table's state: a list page of 100 queued videos
 LEGACY = """import uvicorn
-uvicorn.run("service.app:create_app", factory=True, workers={workers}, host="127.0.0.1", port={port},
+uvicorn.run("service.gateway.app:create_app", factory=True, workers={workers}, host="127.0.0.1", port={port},
             log_config=None, proxy_headers=True, timeout_graceful_shutdown=10)
 """
 

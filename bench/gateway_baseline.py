@@ -18,7 +18,7 @@ import redis
 from fastapi import FastAPI, HTTPException
 from pydantic import BaseModel
 
-from service.models import TINY
+from service.contract.models import TINY
 
 QUEUE = "base:queue"
 TINY_MODEL = "k5-tiny-t2v"

@@ -38,10 +38,10 @@ import psutil
 import redis
 from PIL import Image
 
-from service.jobs import JobStore
-from service.localstack import RedisServer, free_port, stop_process, wait_for_port
-from service.models import TINY
-from service.settings import Settings
+from service.console.localstack import RedisServer, free_port, stop_process, wait_for_port
+from service.contract.jobs import JobStore
+from service.contract.models import TINY
+from service.contract.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 MB = 1024 * 1024

@@ -33,7 +33,7 @@ import torch  # noqa: E402
 
 from bench import flops, report, runs  # noqa: E402
 from bench.configs import VARIANTS, Case, build_pipeline  # noqa: E402
-from service.settings import Settings  # noqa: E402
+from service.contract.settings import Settings  # noqa: E402
 from worker.pipeline import pick_dtype  # noqa: E402
 from worker.textcache import DEFAULT_NEGATIVE_PROMPT  # noqa: E402
 
@@ -116,7 +116,7 @@ def finish_row(row: dict, frames, case: Case, pipe, ceiling: float, video_steps:
             encode.write_mp4(frames, path, fps=24)
             row["mp4_s"] = time.perf_counter() - t0
         if args.upload_dir and encode is not None:
-            from service.storage import LocalStorage
+            from service.contract.storage import LocalStorage
 
             t0 = time.perf_counter()
             LocalStorage(args.upload_dir).put_file(f"bench/{row['config']}.mp4", path, "video/mp4")

@@ -14,8 +14,8 @@ import torch
 
 from bench import flops
 from bench.configs import Case
-from service.models import ModelSpec
-from service.settings import Settings
+from service.contract.models import ModelSpec
+from service.contract.settings import Settings
 from worker.pipeline import GenerationRequest, VideoPipeline
 from worker.textcache import DEFAULT_NEGATIVE_PROMPT
 

@@ -28,12 +28,12 @@ import httpx
 import redis
 
 from bench.report import table
-from service.jobs import JobStore, current_rq_id, plan_job
-from service.lifecycle import Lifecycle
-from service.localstack import RedisServer, free_port, stop_process, wait_for_port
-from service.models import resolve_model
-from service.schemas import VideoCreate
-from service.settings import Settings
+from service.console.localstack import RedisServer, free_port, stop_process, wait_for_port
+from service.contract.jobs import JobStore, current_rq_id, plan_job
+from service.contract.lifecycle import Lifecycle
+from service.contract.models import resolve_model
+from service.contract.schemas import VideoCreate
+from service.contract.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 COLUMNS = [

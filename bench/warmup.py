@@ -52,7 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def build(args: argparse.Namespace, settings):
     """The worker's VideoPipeline and one request of its largest bucket."""
-    from service.models import ModelSpec, resolve_model
+    from service.contract.models import ModelSpec, resolve_model
     from worker.pipeline import GenerationRequest, VideoPipeline, buckets, pick_device, pick_dtype
 
     if args.tiny:
@@ -87,7 +87,7 @@ def build(args: argparse.Namespace, settings):
 def child(args: argparse.Namespace) -> None:
     import torch
 
-    from service.settings import Settings
+    from service.contract.settings import Settings
 
     settings = Settings(enhance_prompt="off", **dict(kv.split("=", 1) for kv in args.set))
     t0 = time.perf_counter()

@@ -25,8 +25,8 @@ from pathlib import Path
 import redis
 
 from bench.report import table
-from service import webhooks
-from service.localstack import RedisServer, stop_process
+from service.console.localstack import RedisServer, stop_process
+from service.contract import webhooks
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = "whsec_" + base64.b64encode(b"k5serve-tarpit-bench-secret-0001").decode()

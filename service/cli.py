@@ -15,8 +15,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import click
 
-from service.logs import setup_logging
-from service.settings import Settings
+from service.contract.logs import setup_logging
+from service.contract.settings import Settings
 
 if TYPE_CHECKING:
     import uvicorn
@@ -50,8 +50,8 @@ def gateway(workers: int) -> None:
 
     import uvicorn
 
-    from service.localstack import port_busy_message
-    from service.server import GatewayProtocol
+    from service.console.localstack import port_busy_message
+    from service.gateway.server import GatewayProtocol
 
     settings = _settings()
     if message := port_busy_message(settings.host, settings.port):
@@ -63,18 +63,18 @@ def gateway(workers: int) -> None:
         "log_config": None,
         "proxy_headers": True,
         "timeout_graceful_shutdown": 10,
-        # h11 with header and body deadlines and a per-client connection bound (service/server.py).
+        # h11 with header and body deadlines and a per-client connection bound (service/gateway/server.py).
         "http": GatewayProtocol.configure(settings),
     }
     if workers == 1:
-        uvicorn.run("service.app:create_app", **options)
+        uvicorn.run("service.gateway.app:create_app", **options)
         return
     if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         # Several processes behind one port: /metrics must add up all of them, through files in a shared dir.
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="k5-metrics-")
     from uvicorn.supervisors import Multiprocess
 
-    config = uvicorn.Config("service.app:create_app", workers=workers, **options)
+    config = uvicorn.Config("service.gateway.app:create_app", workers=workers, **options)
     Multiprocess(config, sockets=[_tcp_listener(config)]).run()
 
 
@@ -119,9 +119,9 @@ def webhooks() -> None:
     """Deliver signed webhooks from the Redis delivery queue (retries, backoff; run one or more)."""
     import signal
 
-    from service import metrics
-    from service.deliverer import Deliverer
-    from service.jobs import connect_redis
+    from service.contract import metrics
+    from service.contract.jobs import connect_redis
+    from service.delivery.deliverer import Deliverer
 
     settings = _settings()
     deliverer = Deliverer(settings, connect_redis(settings))
@@ -140,8 +140,8 @@ def deliveries(video_id: str) -> None:
     Reads the Redis in K5_REDIS_URL; exits 1 when it holds no delivery of VIDEO_ID."""
     import redis
 
-    from service.jobs import connect_redis
-    from service.webhooks import deliveries_of
+    from service.contract.jobs import connect_redis
+    from service.contract.webhooks import deliveries_of
 
     settings = _settings()
     where = f"the Redis at {_shown_url(settings.redis_url)} (K5_REDIS_URL)"
@@ -183,7 +183,7 @@ def tiny_model(directory: Path, seed: int) -> None:
 )
 def dev(s3: bool, state_dir: Path) -> None:
     """Run everything locally: Redis, storage, gateway, workers (tiny models unless K5_MODEL is set)."""
-    from service.dev import run_dev
+    from service.console.dev import run_dev
 
     sys.exit(run_dev(_settings(), state_dir.absolute(), use_s3=s3))
 
@@ -192,7 +192,7 @@ def dev(s3: bool, state_dir: Path) -> None:
 @click.argument("output", type=click.Path(dir_okay=False, path_type=Path), required=False)
 def openapi(output: Path | None) -> None:
     """Write the gateway's OpenAPI document as YAML (to OUTPUT or stdout)."""
-    from service.openapi import openapi_yaml
+    from service.gateway.openapi import openapi_yaml
 
     text = openapi_yaml()
     if output is None:
@@ -205,7 +205,7 @@ def openapi(output: Path | None) -> None:
 @click.argument("model")
 def resolve(model: str) -> None:
     """Show the spec a worker would serve for MODEL (catalogue id, hub repo id or local directory)."""
-    from service.models import TINY, UnknownModelError, resolve_model
+    from service.contract.models import TINY, UnknownModelError, resolve_model
 
     try:
         spec = resolve_model(model)
@@ -223,8 +223,8 @@ def resolve(model: str) -> None:
 
 # The client commands (generate, videos, models) talk to a gateway over HTTP; they live in cli_client, and so does
 # the one-line error report (`_fail`) that the operator commands above use too.
-from service import cli_client  # noqa: E402
-from service.cli_client import _fail  # noqa: E402
+from service.console import cli_client  # noqa: E402
+from service.console.cli_client import _fail  # noqa: E402
 
 for _command in cli_client.COMMANDS:
     main.add_command(_command)

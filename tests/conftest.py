@@ -19,12 +19,12 @@ import httpx
 import pytest
 import redis
 
-from service.auth import owner_of
-from service.jobs import JobStore
-from service.localstack import RedisServer, SeaweedS3, die_with_parent, free_port, stop_process, wait_for_port
-from service.models import resolve_model
-from service.settings import Settings
-from service.storage import S3Storage
+from service.console.localstack import RedisServer, SeaweedS3, die_with_parent, free_port, stop_process, wait_for_port
+from service.contract.jobs import JobStore
+from service.contract.models import resolve_model
+from service.contract.settings import Settings
+from service.contract.storage import S3Storage
+from service.gateway.auth import owner_of
 
 ROOT = Path(__file__).resolve().parents[1]
 BUCKET = "k5test"

@@ -1,6 +1,10 @@
 """The import direction is the architecture: the gateway never loads torch/diffusers/worker code, and the
 worker never loads FastAPI. Checked twice: on what a process really loads, and on the source, where every import
-counts, also one inside a function (a lazy import runs only on some paths, so loading alone would miss it)."""
+counts, also one inside a function (a lazy import runs only on some paths, so loading alone would miss it).
+
+service/ is four packages and one module: contract/ (the job contract both sides share), gateway/ (HTTP),
+delivery/ (the webhook deliverer), console/ (the client commands and the local stack), and cli.py, the command
+line that composes them. The contract imports none of the others; the worker imports only the contract."""
 
 from __future__ import annotations
 
@@ -64,7 +68,7 @@ def test_service_imports_no_gpu_code_but_in_its_composition_root():
 
 def test_the_gateway_reaches_no_gpu_code():
     # The gateway's own modules must not lead to the worker through the composition root either.
-    for entry in ("service.app", "service.deliverer"):
+    for entry in ("service.gateway.app", "service.delivery.deliverer"):
         assert COMPOSITION_ROOT not in reachable(entry)
         assert not {m for m in reachable(entry) if top(m) == "worker"}
 
@@ -73,6 +77,41 @@ def test_the_worker_reaches_no_http_framework():
     modules = set().union(*(reachable(m) for m in SOURCES if top(m) == "worker"))
     offenders = {m: sorted(n for n in SOURCES[m] if top(n) in HTTP) for m in modules}
     assert {m: n for m, n in offenders.items() if n} == {}
+
+
+def test_the_contract_imports_no_other_part_of_service():
+    others = ("service.gateway", "service.delivery", "service.console", COMPOSITION_ROOT)
+    offenders = {
+        mod: sorted(n for n in names if n.startswith(others))
+        for mod, names in SOURCES.items()
+        if mod.startswith("service.contract")
+    }
+    assert {m: n for m, n in offenders.items() if n} == {}
+
+
+def test_each_package_of_service_imports_only_itself_and_the_contract():
+    offenders = {}
+    for pkg in ("service.gateway", "service.delivery", "service.console"):
+        for mod, names in SOURCES.items():
+            if mod.startswith(pkg):
+                bad = [n for n in names if top(n) == "service" and not n.startswith((pkg, "service.contract"))]
+                if bad:
+                    offenders[mod] = sorted(bad)
+    assert offenders == {}
+
+
+def test_the_worker_imports_only_the_contract_of_service():
+    offenders = {
+        mod: sorted(n for n in names if top(n) == "service" and not n.startswith("service.contract"))
+        for mod, names in SOURCES.items()
+        if top(mod) == "worker"
+    }
+    assert {m: n for m, n in offenders.items() if n} == {}
+
+
+def test_the_layout_has_no_loose_modules():
+    loose = sorted(p.name for p in (ROOT / "service").glob("*.py") if p.name not in ("__init__.py", "cli.py"))
+    assert loose == []
 
 
 def test_the_rules_catch_a_lazy_import(tmp_path):
@@ -89,7 +128,7 @@ def loaded_after(statement: str) -> set[str]:
 
 
 def test_gateway_does_not_import_torch_or_worker():
-    mods = loaded_after("from service.app import create_app; from service.cli import main")
+    mods = loaded_after("from service.gateway.app import create_app; from service.cli import main")
     assert not mods & GPU
 
 
@@ -99,10 +138,10 @@ def test_worker_does_not_import_fastapi():
 
 
 def test_redis_keys_are_named_in_one_module():
-    """service/keys.py names every key family; webhooks.py still spells its three itself, and must agree."""
-    from service import keys, webhooks
+    """service/contract/keys.py names every key family; webhooks.py still spells its three itself, and must agree."""
+    from service.contract import keys, webhooks
 
-    allowed = {ROOT / "service" / "keys.py", ROOT / "service" / "webhooks.py"}
+    allowed = {ROOT / "service" / "contract" / "keys.py", ROOT / "service" / "contract" / "webhooks.py"}
     inline = [
         str(p.relative_to(ROOT))
         for d in ("service", "worker")

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from service.models import TINY, ModelSpec, resolve_model
-from service.settings import Settings
+from service.contract.models import TINY, ModelSpec, resolve_model
+from service.contract.settings import Settings
 from worker import attention, loader, speed
 from worker.pipeline import GenerationRequest, VideoPipeline
 from worker.tiny import build_tiny_pipeline, save_published_layout

@@ -13,8 +13,8 @@ from pathlib import Path
 import huggingface_hub.constants
 import pytest
 
-from service.models import SPEC_FILE, UnknownModelError, resolve_model
-from service.settings import Settings
+from service.contract.models import SPEC_FILE, UnknownModelError, resolve_model
+from service.contract.settings import Settings
 from worker.pipeline import GenerationRequest, VideoPipeline
 
 

@@ -19,8 +19,8 @@ import httpx
 import pytest
 from PIL import Image
 
-from service.client import K5Client, parse_sse
-from service.localstack import free_port
+from service.console.client import K5Client, parse_sse
+from service.console.localstack import free_port
 from tests.conftest import ROOT, child_preexec, gateway_process
 from tests.test_e2e import decode_mp4
 

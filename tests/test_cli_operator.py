@@ -7,7 +7,7 @@ import json
 import os
 import subprocess
 
-from service.localstack import free_port
+from service.console.localstack import free_port
 from tests.test_cli_client import COMMAND
 from tests.test_lifecycle import Receiver, create
 

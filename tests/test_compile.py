@@ -13,9 +13,9 @@ from contextlib import contextmanager
 import pytest
 import torch
 
-from service import metrics
-from service.models import resolve_model
-from service.settings import Settings
+from service.contract import metrics
+from service.contract.models import resolve_model
+from service.contract.settings import Settings
 from worker.pipeline import GenerationRequest, VideoPipeline, buckets
 
 GRAPHS: list = []

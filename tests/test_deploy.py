@@ -13,8 +13,8 @@ import pytest
 import yaml
 
 from service.cli import main as cli
-from service.models import CATALOGUE
-from service.settings import Settings
+from service.contract.models import CATALOGUE
+from service.contract.settings import Settings
 from tests.conftest import ROOT
 
 CHART = ROOT / "deploy/helm/k5serve"
@@ -433,7 +433,7 @@ def test_every_command_the_chart_and_compose_run_exists():
     assert {e for e in chart_env if e.startswith("K5_")} <= known
 
 
-# The metrics the service exports (service/metrics.py: gateway, workers, webhook delivery).
+# The metrics the service exports (service/contract/metrics.py: gateway, workers, webhook delivery).
 HISTOGRAMS = {"k5_http_request_duration_seconds", "k5_worker_phase_duration_seconds", "k5_worker_step_duration_seconds"}
 METRICS = HISTOGRAMS | set(
     """k5_http_requests_total k5_queue_depth k5_queue_oldest_age_seconds k5_jobs k5_workers_online

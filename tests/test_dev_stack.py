@@ -19,7 +19,7 @@ import psutil
 import pytest
 import redis
 
-from service.localstack import free_port
+from service.console.localstack import free_port
 from tests.conftest import ROOT, child_preexec
 from tests.test_e2e import decode_mp4
 

@@ -8,7 +8,7 @@ import shutil
 from click.testing import CliRunner
 
 from service import cli
-from service.models import CATALOGUE
+from service.contract.models import CATALOGUE
 
 
 def doctor(monkeypatch, model: str, *args: str) -> tuple[int, dict[str, list[str]]]:

@@ -15,8 +15,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from service.models import resolve_model
-from service.settings import Settings
+from service.contract.models import resolve_model
+from service.contract.settings import Settings
 from worker import enhance
 from worker.pipeline import GenerationRequest, VideoPipeline
 

@@ -13,7 +13,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from service.lifecycle import Lifecycle
+from service.contract.lifecycle import Lifecycle
 from tests.conftest import ROOT
 
 schema = schemathesis.openapi.from_path(ROOT / "openapi.yaml")

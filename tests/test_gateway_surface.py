@@ -11,8 +11,8 @@ from pathlib import Path
 
 import httpx
 
-from service.localstack import free_port
-from service.logs import JsonFormatter, TextFormatter
+from service.console.localstack import free_port
+from service.contract.logs import JsonFormatter, TextFormatter
 from tests.conftest import ROOT, gateway_process
 
 KEY = "sk-surface-test-0123456789"

@@ -8,11 +8,11 @@ import json
 import pytest
 from fastapi.testclient import TestClient
 
-from service import keys
-from service.app import create_app
-from service.jobs import JobStore
-from service.models import TINY
-from service.settings import Settings
+from service.contract import keys
+from service.contract.jobs import JobStore
+from service.contract.models import TINY
+from service.contract.settings import Settings
+from service.gateway.app import create_app
 
 T2V = TINY["k5-tiny-t2v"]
 BODY = {"prompt": "a lighthouse", "model": T2V.id, "seed": 5}

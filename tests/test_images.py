@@ -14,11 +14,11 @@ import redis
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from service.app import create_app
-from service.images import decode_slots, prepare_image
-from service.jobs import JobStore
-from service.models import TINY
-from service.settings import Settings
+from service.contract.jobs import JobStore
+from service.contract.models import TINY
+from service.contract.settings import Settings
+from service.gateway.app import create_app
+from service.gateway.images import decode_slots, prepare_image
 from tests.conftest import gateway_process
 
 I2V = TINY["k5-tiny-i2v"]

@@ -8,11 +8,11 @@ import threading
 import pytest
 from rq import Queue
 
-from service.jobs import JobStore, plan_job
-from service.lifecycle import EDGES, Lifecycle, Move, Outcome
-from service.models import TINY
-from service.schemas import VideoCreate
-from service.settings import Settings
+from service.contract.jobs import JobStore, plan_job
+from service.contract.lifecycle import EDGES, Lifecycle, Move, Outcome
+from service.contract.models import TINY
+from service.contract.schemas import VideoCreate
+from service.contract.settings import Settings
 
 
 @pytest.fixture

@@ -16,8 +16,8 @@ from rq import Queue
 from standardwebhooks import Webhook
 from standardwebhooks.webhooks import WebhookVerificationError
 
-from service.localstack import stop_process
-from service.webhooks import DUE, deliveries_of
+from service.console.localstack import stop_process
+from service.contract.webhooks import DUE, deliveries_of
 from tests.conftest import WEBHOOK_SECRET, start_service
 from tests.waiting import wait_until
 

@@ -11,7 +11,7 @@ import time
 
 import httpx
 
-from service.logs import JsonFormatter, QuietProbes, setup_logging
+from service.contract.logs import JsonFormatter, QuietProbes, setup_logging
 from tests.conftest import gateway_process
 
 

@@ -10,9 +10,9 @@ import pydantic
 import pytest
 import redis
 
-from service.jobs import JobStore
-from service.models import TINY
-from service.settings import Settings
+from service.contract.jobs import JobStore
+from service.contract.models import TINY
+from service.contract.settings import Settings
 from tests.conftest import gateway_process
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")

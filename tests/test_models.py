@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from service.models import CATALOGUE, SPEC_FILE, TINY, UnknownModelError, resolve_model
+from service.contract.models import CATALOGUE, SPEC_FILE, TINY, UnknownModelError, resolve_model
 
 
 def test_catalogue_has_the_ten_published_video_checkpoints():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import yaml
 
-from service.openapi import openapi_dict, openapi_yaml
+from service.gateway.openapi import openapi_dict, openapi_yaml
 from tests.conftest import ROOT
 
 

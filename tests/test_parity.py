@@ -16,8 +16,8 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, Kandinsky5T2VPipeline
 
-from service.models import resolve_model
-from service.settings import Settings
+from service.contract.models import resolve_model
+from service.contract.settings import Settings
 from worker.pipeline import GenerationRequest, VideoPipeline
 
 DIFFUSERS = dict(sampling_grid="diffusers", timestep_precision="model", prompt_template="diffusers")
@@ -251,7 +251,7 @@ class RatioProbe:
 def test_magcache_reads_upstreams_ratio_at_every_step(t2v_spec, model, steps, guidance):
     """The catalogue's published ratios, read per step and branch as upstream reads them (leading 1.0 for step 0, no
     shift by one), and the same steps skipped."""
-    from service.models import CATALOGUE
+    from service.contract.models import CATALOGUE
 
     published = CATALOGUE[model].mag_ratios
     assert len(published) == 98 and CATALOGUE[model].mag_threshold == 0.12

@@ -11,8 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from service.models import resolve_model
-from service.settings import Settings
+from service.contract.models import resolve_model
+from service.contract.settings import Settings
 from worker import attention, speed
 from worker.pipeline import GenerationRequest, VideoPipeline, buckets
 from worker.textcache import LRU, TextEncoders, _PinnedSwap

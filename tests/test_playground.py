@@ -24,7 +24,7 @@ import pytest
 from PIL import Image
 from playwright.sync_api import Browser, BrowserContext, Page, Request, sync_playwright
 
-from service.routes.playground import CSP
+from service.gateway.routes.playground import CSP
 
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
 CHROMIUM_FLAGS = [

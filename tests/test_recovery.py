@@ -19,18 +19,18 @@ from fastapi.testclient import TestClient
 from rq import Queue, SimpleWorker
 from rq.job import Job
 
-from service import storage as storage_mod
-from service.app import create_app
-from service.jobs import JobStore, connect_redis, plan_job
-from service.keys import EXPIRY, RUNNING
-from service.keys import lease as lease_key
-from service.lifecycle import Lifecycle, Outcome
-from service.localstack import RedisServer, free_port, stop_process
-from service.models import resolve_model
-from service.recovery import Recovery
-from service.schemas import VideoCreate
-from service.settings import Settings
-from service.storage import open_storage
+from service.console.localstack import RedisServer, free_port, stop_process
+from service.contract import storage as storage_mod
+from service.contract.jobs import JobStore, connect_redis, plan_job
+from service.contract.keys import EXPIRY, RUNNING
+from service.contract.keys import lease as lease_key
+from service.contract.lifecycle import Lifecycle, Outcome
+from service.contract.models import resolve_model
+from service.contract.recovery import Recovery
+from service.contract.schemas import VideoCreate
+from service.contract.settings import Settings
+from service.contract.storage import open_storage
+from service.gateway.app import create_app
 from tests.conftest import ROOT, WEBHOOK_SECRET, stored
 from worker import runner
 from worker.main import EXIT_DEVICE_LOST, RecoveringWorker

@@ -8,10 +8,10 @@ import time
 import httpx
 import redis
 
-from service.jobs import JobStore, current_rq_id
-from service.lifecycle import Lifecycle
-from service.models import TINY
-from service.settings import Settings
+from service.contract.jobs import JobStore, current_rq_id
+from service.contract.lifecycle import Lifecycle
+from service.contract.models import TINY
+from service.contract.settings import Settings
 from tests.conftest import gateway_process
 
 T2V = TINY["k5-tiny-t2v"]

@@ -8,11 +8,11 @@ import time
 import httpx
 import redis
 
-from service.jobs import JobStore
-from service.localstack import RedisServer
-from service.models import TINY
-from service.roster import Roster
-from service.settings import Settings
+from service.console.localstack import RedisServer
+from service.contract.jobs import JobStore
+from service.contract.models import TINY
+from service.contract.settings import Settings
+from service.gateway.roster import Roster
 from tests.conftest import gateway_process
 
 

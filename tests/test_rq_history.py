@@ -12,13 +12,13 @@ import time
 import redis
 from rq import Queue, SimpleWorker
 
-from service.jobs import JobStore, plan_job
-from service.lifecycle import Lifecycle
-from service.models import resolve_model
-from service.recovery import Recovery
-from service.schemas import VideoCreate
-from service.settings import Settings
-from service.storage import open_storage
+from service.contract.jobs import JobStore, plan_job
+from service.contract.lifecycle import Lifecycle
+from service.contract.models import resolve_model
+from service.contract.recovery import Recovery
+from service.contract.schemas import VideoCreate
+from service.contract.settings import Settings
+from service.contract.storage import open_storage
 from tests.conftest import ROOT
 from tests.test_recovery import DIE_AFTER
 from worker import runner

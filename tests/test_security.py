@@ -12,12 +12,12 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from service.app import create_app
-from service.auth import KeyRing
-from service.jobs import JobStore
-from service.localstack import RedisServer, free_port
-from service.models import TINY
-from service.settings import Settings
+from service.console.localstack import RedisServer, free_port
+from service.contract.jobs import JobStore
+from service.contract.models import TINY
+from service.contract.settings import Settings
+from service.gateway.app import create_app
+from service.gateway.auth import KeyRing
 
 ALICE, BOB = "sk-alice-secret-1", "sk-bob-secret-2"
 

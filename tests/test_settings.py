@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from service.settings import Settings
+from service.contract.settings import Settings
 
 
 def test_list_settings_parse_from_the_environment(monkeypatch):

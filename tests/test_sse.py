@@ -12,12 +12,12 @@ import httpx
 import pytest
 import redis
 
-from service.jobs import JobStore, current_rq_id, plan_job
-from service.lifecycle import Lifecycle
-from service.localstack import RedisServer
-from service.models import resolve_model
-from service.schemas import VideoCreate
-from service.settings import Settings
+from service.console.localstack import RedisServer
+from service.contract.jobs import JobStore, current_rq_id, plan_job
+from service.contract.lifecycle import Lifecycle
+from service.contract.models import resolve_model
+from service.contract.schemas import VideoCreate
+from service.contract.settings import Settings
 from tests.conftest import gateway_process
 
 

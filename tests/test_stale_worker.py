@@ -14,14 +14,14 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
-from service.app import create_app
-from service.jobs import VARIANTS, JobStore, asset_key, plan_job
-from service.lifecycle import Lifecycle
-from service.localstack import SeaweedS3, free_port, stop_process
-from service.models import resolve_model
-from service.schemas import VideoCreate
-from service.settings import Settings
-from service.storage import S3Storage
+from service.console.localstack import SeaweedS3, free_port, stop_process
+from service.contract.jobs import VARIANTS, JobStore, asset_key, plan_job
+from service.contract.lifecycle import Lifecycle
+from service.contract.models import resolve_model
+from service.contract.schemas import VideoCreate
+from service.contract.settings import Settings
+from service.contract.storage import S3Storage
+from service.gateway.app import create_app
 from tests.conftest import ROOT
 from tests.waiting import wait_until
 

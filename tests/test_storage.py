@@ -5,8 +5,8 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from service.settings import Settings
-from service.storage import LocalStorage, S3Storage, StorageError, open_storage
+from service.contract.settings import Settings
+from service.contract.storage import LocalStorage, S3Storage, StorageError, open_storage
 
 
 @pytest.fixture(params=["local", "s3"])

@@ -19,11 +19,11 @@ import pytest
 import redis
 from PIL import Image
 
-from service.jobs import JobStore
-from service.localstack import RedisServer, SeaweedS3, free_port, stop_process
-from service.models import resolve_model
-from service.settings import Settings
-from service.storage import S3Storage
+from service.console.localstack import RedisServer, SeaweedS3, free_port, stop_process
+from service.contract.jobs import JobStore
+from service.contract.models import resolve_model
+from service.contract.settings import Settings
+from service.contract.storage import S3Storage
 from tests.conftest import Proc, start_service
 
 # Long enough to act on while it generates (seconds on these CPUs), short enough for the suite.

@@ -14,11 +14,11 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from rq import Queue
 
-from service.app import create_app
-from service.jobs import JobStore
-from service.lifecycle import Lifecycle, Outcome
-from service.models import TINY
-from service.settings import Settings
+from service.contract.jobs import JobStore
+from service.contract.lifecycle import Lifecycle, Outcome
+from service.contract.models import TINY
+from service.contract.settings import Settings
+from service.gateway.app import create_app
 
 T2V, I2V = TINY["k5-tiny-t2v"], TINY["k5-tiny-i2v"]
 

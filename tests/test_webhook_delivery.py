@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 from standardwebhooks import Webhook
 
-from service import webhooks
-from service.deliverer import Deliverer
-from service.localstack import stop_process
-from service.settings import Settings
+from service.console.localstack import stop_process
+from service.contract import webhooks
+from service.contract.settings import Settings
+from service.delivery.deliverer import Deliverer
 from tests.conftest import WEBHOOK_SECRET, start_service
 from tests.test_lifecycle import Receiver
 

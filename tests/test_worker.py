@@ -8,11 +8,11 @@ from __future__ import annotations
 import pytest
 from rq import Queue, SimpleWorker
 
-from service.jobs import JobStore, plan_job
-from service.lifecycle import Lifecycle
-from service.models import resolve_model
-from service.schemas import VideoCreate
-from service.storage import open_storage
+from service.contract.jobs import JobStore, plan_job
+from service.contract.lifecycle import Lifecycle
+from service.contract.models import resolve_model
+from service.contract.schemas import VideoCreate
+from service.contract.storage import open_storage
 from tests.conftest import stored
 from worker import runner
 from worker.pipeline import VideoPipeline

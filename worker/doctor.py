@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from service.models import ModelSpec, UnknownModelError, parse_size, resolve_model
-from service.settings import Settings
+from service.contract.models import ModelSpec, UnknownModelError, parse_size, resolve_model
+from service.contract.settings import Settings
 from worker import attention, loader, speed
 
 # Share of device memory the budget may fill: the allocator and the CUDA context need the rest.

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from service.models import ModelSpec
-from service.settings import Settings
+from service.contract.models import ModelSpec
+from service.contract.settings import Settings
 from worker.speed import ConfigError
 
 log = logging.getLogger(__name__)

@@ -19,12 +19,12 @@ from rq import Queue, SimpleWorker
 from rq.worker import WorkerStatus
 from rq.worker.base import StopRequested
 
-from service import metrics
-from service.jobs import JobStore, connect_redis
-from service.models import TINY, UnknownModelError, resolve_model
-from service.recovery import Recovery
-from service.settings import Settings
-from service.storage import Storage, open_storage
+from service.contract import metrics
+from service.contract.jobs import JobStore, connect_redis
+from service.contract.models import TINY, UnknownModelError, resolve_model
+from service.contract.recovery import Recovery
+from service.contract.settings import Settings
+from service.contract.storage import Storage, open_storage
 from worker import runner
 from worker.pipeline import VideoPipeline
 from worker.speed import ConfigError

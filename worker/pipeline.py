@@ -19,10 +19,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from service import metrics
-from service.models import TINY, ModelSpec, parse_size
-from service.record import GenerationRequest
-from service.settings import Settings
+from service.contract import metrics
+from service.contract.models import TINY, ModelSpec, parse_size
+from service.contract.record import GenerationRequest
+from service.contract.settings import Settings
 from worker import attention, enhance, loader, sampling, speed
 from worker.stats import GenerationStats
 from worker.stepcache import StepCacher

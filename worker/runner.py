@@ -3,10 +3,10 @@
 `run_job` is what RQ calls (by name, so the gateway never imports this module). It runs inside the worker
 process that holds the warm pipeline, set once by `configure`.
 
-Every run holds a lease on its job (service/lifecycle.py): its writes are checked against its run token first, so
-a run whose worker was presumed dead and whose job was requeued learns that it lost the job, and cannot complete
-it. A run stores its files under a prefix of its own and deletes only that. A run that cannot settle its job
-(Redis went away, the process dies) leaves the record in_progress: its lease lapses and the janitor requeues.
+Every run holds a lease on its job (service/contract/lifecycle.py): its writes are checked against its run token first,
+so a run whose worker was presumed dead and whose job was requeued learns that it lost the job, and cannot complete it.
+A run stores its files under a prefix of its own and deletes only that. A run that cannot settle its job (Redis went
+away, the process dies) leaves the record in_progress: its lease lapses and the janitor requeues.
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ from pathlib import Path
 import redis
 from PIL import Image
 
-from service import metrics
-from service.jobs import VARIANTS, JobStore, asset_key
-from service.lifecycle import Lifecycle, Outcome, Run
-from service.storage import Storage, StorageError, StorageFull
+from service.contract import metrics
+from service.contract.jobs import VARIANTS, JobStore, asset_key
+from service.contract.lifecycle import Lifecycle, Outcome, Run
+from service.contract.storage import Storage, StorageError, StorageFull
 from worker import encode
 from worker.pipeline import GenerationError, VideoPipeline
 from worker.stats import GenerationStats

@@ -14,7 +14,7 @@ from typing import Literal
 
 import torch
 
-from service.settings import Settings
+from service.contract.settings import Settings
 from worker.textcache import Placement
 
 log = logging.getLogger(__name__)

@@ -2,9 +2,10 @@
 
 Of the caches diffusers 0.42.1 ships, checked on Kandinsky5Transformer3DModel:
 - MagCache works (its block registry knows Kandinsky5TransformerDecoderBlock), but needs per-checkpoint magnitude
-  ratios; upstream publishes them in its configs (magcache.mag_ratios; the catalogue ships them, service/magcache.py)
-  with threshold 0.12, K 2 and retention 0.2. They are fed as upstream's set_magcache_params does: a leading 1.0 for
-  step 0, then one series per branch (cond, uncond), resampled to the step count with its nearest_interp.
+  ratios; upstream publishes them in its configs (magcache.mag_ratios; the catalogue ships them,
+  service/contract/magcache.py) with threshold 0.12, K 2 and retention 0.2. They are fed as upstream's
+  set_magcache_params does: a leading 1.0 for step 0, then one series per branch (cond, uncond), resampled to the
+  step count with its nearest_interp.
 - TaylorSeer works once pointed at Kandinsky's module names (its defaults match none, so it silently does nothing).
 - FirstBlockCache fails: its hook asks the block for an argument named `hidden_states`, Kandinsky's is
   `visual_embed` ("Parameter 'hidden_states' not found in function signature").
@@ -21,7 +22,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from service.magcache import MAX_SKIP_STEPS, RETENTION_RATIO
+from service.contract.magcache import MAX_SKIP_STEPS, RETENTION_RATIO
 
 StepCache = Literal["off", "taylorseer", "magcache"]
 

@@ -34,7 +34,7 @@ from transformers import (
     Qwen2Tokenizer,
 )
 
-from service.models import SPEC_FILE, TINY
+from service.contract.models import SPEC_FILE, TINY
 from worker.sampling import UPSTREAM_VIDEO_CROP, UPSTREAM_VIDEO_TEMPLATE
 
 __all__ = ["Task", "build_tiny_pipeline", "save_published_layout", "save_tiny_checkpoint", "save_tiny_models"]

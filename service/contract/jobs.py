@@ -1,0 +1,359 @@
+"""Job records in Redis, read side: planning a request into a record, enqueueing on RQ, listing, live fields (queue
+position, ETA), and the registry of online models. Records are written only by service/contract/lifecycle.py;
+service/contract/keys.py names every key. RQ queue per model: the queue's name is the model id, so each worker pool
+takes only its model's jobs.
+"""
+
+from __future__ import annotations
+
+import builtins
+import logging
+import secrets
+import time
+from typing import Any, Literal
+
+import redis
+from rq import Queue
+from rq.job import Job
+
+from service.contract import keys
+from service.contract.models import CATALOGUE, ModelSpec, find_spec, parse_size
+from service.contract.problems import InvalidParameter
+from service.contract.record import JobRecord
+from service.contract.schemas import MAX_SEED, TERMINAL, Video, VideoCreate
+from service.contract.settings import Settings
+
+log = logging.getLogger(__name__)
+
+JOB_FUNC = "worker.runner.run_job"
+# How long RQ keeps a job it saw fail (an abandoned delivery, a timeout, an error before the run). The job record
+# says how the video ended, so RQ's copy only has to outlive the janitor's next pass, which looks for abandoned
+# deliveries in RQ's failed registry (service/contract/recovery.py): an hour bounds that registry by an hour's failures.
+RQ_FAILURE_TTL_S = 3600
+
+
+def connect_redis(settings: Settings) -> redis.Redis:
+    # Bytes, not str: RQ keeps pickled job data in the same database.
+    return redis.Redis.from_url(
+        settings.redis_url, socket_timeout=5, socket_connect_timeout=2, health_check_interval=30
+    )
+
+
+def current_rq_id(conn: Any, video_id: str) -> str:
+    """The RQ job that may run `video_id` now: the one its attempt hash names once it was requeued or redelivered,
+    else the one enqueued with it, under its own id. `conn`: the connection, or a pipeline watching the hash."""
+    return (conn.hget(keys.attempt(video_id), "rq") or b"").decode() or video_id
+
+
+def new_rq_id(video_id: str) -> str:
+    """A fresh RQ job id for a requeued or redelivered video: its id plus `-r<hex>`."""
+    return f"{video_id}-r{secrets.token_hex(4)}"
+
+
+def video_id_of(rq_id: str) -> str:
+    """The video an RQ job runs: its id, or its id plus `-r<hex>` once requeued (new_rq_id)."""
+    return rq_id.split("-r", 1)[0]
+
+
+def new_video_id() -> str:
+    # Time-ordered (hex nanoseconds, fixed width) so ids sort by creation, plus 64 random bits.
+    return f"video_{time.time_ns():016x}{secrets.token_hex(8)}"
+
+
+Variant = Literal["video", "thumbnail", "spritesheet"]
+# Asset name and media type of each downloadable variant, as the worker writes them.
+VARIANTS: dict[str, tuple[str, str]] = {
+    "video": ("video.mp4", "video/mp4"),
+    "thumbnail": ("thumbnail.webp", "image/webp"),
+    "spritesheet": ("spritesheet.jpg", "image/jpeg"),
+}
+INPUT_IMAGE = "input.png"
+
+
+def asset_key(prefix: str, name: str) -> str:
+    """A stored file: a video's input under `<id>/`, a run's outputs under its own prefix (JobRecord.assets)."""
+    return f"{prefix}/{name}"
+
+
+def plan_job(req: VideoCreate, spec: ModelSpec, has_image: bool) -> JobRecord:
+    """Check a request against its model and fill in the model's defaults. Raises InvalidParameter."""
+    size = req.size or spec.default_size
+    if size not in spec.sizes:
+        raise InvalidParameter(
+            f"Invalid size '{size}' for model {spec.id}; supported sizes: {', '.join(spec.sizes)}.",
+            param="size",
+        )
+    seconds = req.seconds or spec.default_seconds
+    if seconds not in spec.seconds:
+        raise InvalidParameter(
+            f"Invalid seconds '{seconds}' for model {spec.id}; supported: {', '.join(spec.seconds)}.",
+            param="seconds",
+        )
+    if spec.task == "image-to-video" and not has_image:
+        raise InvalidParameter(
+            f"Model {spec.id} is image-to-video and needs input_reference.",
+            param="input_reference",
+            code="missing",
+        )
+    if spec.task == "text-to-video" and has_image:
+        raise InvalidParameter(
+            f"Model {spec.id} is text-to-video and takes no input_reference.", param="input_reference"
+        )
+    steps = req.num_inference_steps or spec.steps
+    if steps > spec.max_steps:
+        raise InvalidParameter(
+            f"num_inference_steps must be at most {spec.max_steps} for model {spec.id}.",
+            param="num_inference_steps",
+        )
+    width, height = parse_size(size)
+    return JobRecord(
+        id=new_video_id(),
+        model=spec.id,
+        status="queued",
+        progress=0,
+        created_at=int(time.time()),
+        prompt=req.prompt,
+        size=size,
+        seconds=seconds,
+        negative_prompt=req.negative_prompt,
+        seed=req.seed if req.seed is not None else secrets.randbelow(MAX_SEED),
+        num_inference_steps=steps,
+        guidance_scale=req.guidance_scale if req.guidance_scale is not None else spec.guidance,
+        metadata=req.metadata,
+        webhook_url=req.webhook_url,
+        enhance_prompt=req.enhance_prompt,
+        width=width,
+        height=height,
+        num_frames=spec.frames_for(seconds),
+        fps=spec.fps,
+        task=spec.task,
+    )
+
+
+class JobStore:
+    def __init__(self, r: redis.Redis, settings: Settings) -> None:
+        self.r = r
+        self.settings = settings
+
+    # -- jobs ---------------------------------------------------------------------------------------------
+
+    @property
+    def record_ttl_s(self) -> int:
+        """How long a finished job's record (and its attempt hash) stays: a week past its assets, so that clients
+        can still see what happened."""
+        return self.settings.asset_ttl_s + 7 * 86400
+
+    def queue(self, model: str) -> Queue:
+        return Queue(name=model, connection=self.r)
+
+    def enqueue(
+        self, pipe: Any, model: str, video_id: str, rq_id: str, *, description: str, at_front: bool = False
+    ) -> None:
+        """Put one RQ job for `video_id` on its model's queue, inside the caller's transaction. A requeued video
+        gets a new `rq_id` each time: the attempt record names the current one, and only that one may start."""
+        self.queue(model).enqueue_call(
+            JOB_FUNC,
+            args=(video_id,),
+            job_id=rq_id,
+            timeout=self.settings.job_timeout_s,
+            # The job record is the result; RQ's own copy is not needed.
+            result_ttl=0,
+            failure_ttl=RQ_FAILURE_TTL_S,
+            description=description,
+            at_front=at_front,
+            pipeline=pipe,
+        )
+
+    def forget_rq_job(self, model: str, rq_id: str) -> None:
+        """A dead or lost delivery's RQ job: out of the started registry, so RQ's own abandoned-job cleanup does
+        not file it as failed later (the job record, not RQ, says how the video ended)."""
+        try:
+            job = Job.fetch(rq_id, connection=self.r)
+            self.queue(model).started_job_registry.remove_executions(job)
+            job.delete(remove_from_queue=True)
+        except Exception:  # noqa: BLE001 - housekeeping only; the job itself is already requeued
+            log.debug("could not remove RQ job %s", rq_id, exc_info=True)
+
+    def inflight(self, owner: str) -> int:
+        return int(self.r.scard(keys.inflight(owner)))
+
+    def get(self, video_id: str) -> JobRecord | None:
+        raw = self.r.get(keys.video(video_id))
+        return JobRecord.model_validate_json(raw) if raw else None
+
+    def list(
+        self, owner: str, *, after: str | None = None, limit: int = 20, order: str = "desc"
+    ) -> tuple[list[JobRecord], bool]:
+        """One page of an owner's videos after the cursor, newest first by default; and whether more follow."""
+        index = keys.videos(owner)
+        records: list[JobRecord] = []
+        cursor = after
+        while len(records) <= limit:
+            want = limit + 1 - len(records)
+            if order == "desc":
+                ids = self.r.zrevrangebylex(index, f"({cursor}" if cursor else "+", "-", start=0, num=want)
+            else:
+                ids = self.r.zrangebylex(index, f"({cursor}" if cursor else "-", "+", start=0, num=want)
+            if not ids:
+                break
+            page = [keys.text(i) for i in ids]
+            raws = self.r.mget([keys.video(i) for i in page])
+            gone = [i for i, raw in zip(page, raws, strict=True) if raw is None]
+            if gone:  # records expire on their own; drop their ids from the index as we meet them
+                self.r.zrem(index, *gone)
+            records += [JobRecord.model_validate_json(raw) for raw in raws if raw is not None]
+            cursor = page[-1]
+        return records[:limit], len(records) > limit
+
+    # -- live fields: queue position and estimated completion ------------------------------------------------
+
+    def view(self, rec: JobRecord) -> Video:
+        """The public video object with its live fields filled in."""
+        if rec.status in TERMINAL:
+            return rec.public()
+        timing = self.timing(rec.model)
+        own = self.estimate_s(rec, timing)
+        now = time.time()
+        if rec.status == "in_progress":
+            eta = None if own is None else now + own * (1 - rec.progress / 100)
+            return rec.public(estimated_completion_at=None if eta is None else int(eta))
+        # Its current RQ job (a requeued video waits under a new id); not in the queue any more means a worker
+        # has just taken it and is starting it: next in line.
+        position = self.queue(rec.model).get_job_position(current_rq_id(self.r, rec.id))
+        if position is None:
+            position = 0
+        workers = self.workers_online(rec.model)
+        eta = None
+        if own is not None and workers:
+            # Jobs ahead are assumed to be like this one; running jobs are on average half done.
+            eta = now + (position // workers + 0.5) * own + own
+        return rec.public(queue_position=position, estimated_completion_at=None if eta is None else int(eta))
+
+    def record_timing(self, rec: JobRecord, step_s: float, overhead_s: float) -> None:
+        """A worker's measured seconds per step and per-job overhead, normalised per megavoxel (EWMA)."""
+        sample = {
+            "step": step_s / (rec.megavoxels * rec.cfg_factor),
+            "overhead": overhead_s / rec.megavoxels,
+        }
+        key = keys.timing(rec.model)
+        old = self.timing(rec.model)
+        new = {k: v if old is None else 0.7 * old[k] + 0.3 * v for k, v in sample.items()}
+        self.r.hset(key, mapping={"step": new["step"], "overhead": new["overhead"]})
+
+    def timing(self, model: str) -> dict[str, float] | None:
+        raw = self.r.hgetall(keys.timing(model))
+        return {keys.text(k): float(v) for k, v in raw.items()} if raw else None
+
+    @staticmethod
+    def estimate_s(rec: JobRecord, timing: dict[str, float] | None) -> float | None:
+        if timing is None:
+            return None
+        return rec.megavoxels * (rec.num_inference_steps * rec.cfg_factor * timing["step"] + timing["overhead"])
+
+    def queue_stats(self) -> dict[str, dict[str, float]]:
+        """Per model: queued, in progress, oldest queued age, workers online (for /metrics)."""
+        stats = {}
+        now = time.time()
+        for model in self.queue_models():
+            queue = self.queue(model)
+            head = queue.get_job_ids(0, 1)
+            oldest = 0.0
+            if head:
+                rec = self.get(video_id_of(head[0]))
+                oldest = now - rec.created_at if rec else 0.0
+            stats[model] = {
+                "queued": queue.count,
+                "in_progress": queue.started_job_registry.count,
+                "oldest_age_s": oldest,
+                "workers": self.workers_online(model),
+            }
+        return stats
+
+    # -- models and workers --------------------------------------------------------------------------------
+
+    def queue_models(self) -> builtins.list[str]:
+        """Every model that can have a queue here: announced by a worker, declared served, or queued for on RQ."""
+        announced = {keys.text(m) for m in self.r.smembers(keys.MODELS)}
+        queued = {q.name for q in Queue.all(connection=self.r)}
+        return sorted(announced | queued | set(self.settings.served_model_ids))
+
+    def announce(self, spec: ModelSpec, worker: str) -> None:
+        """A worker's heartbeat: its model is online while beats keep coming."""
+        now = time.time()
+        with self.r.pipeline() as pipe:
+            pipe.set(keys.spec(spec.id), spec.model_dump_json())
+            pipe.set(keys.since(spec.id), int(now), nx=True)
+            pipe.sadd(keys.MODELS, spec.id)
+            pipe.zadd(keys.workers(spec.id), {worker: now})
+            pipe.zremrangebyscore(keys.workers(spec.id), "-inf", now - self._offline_after())
+            pipe.execute()
+
+    def retire(self, spec: ModelSpec, worker: str) -> None:
+        self.r.zrem(keys.workers(spec.id), worker)
+
+    def _offline_after(self) -> float:
+        return 3 * self.settings.heartbeat_s + 5
+
+    def workers_online(self, model: str) -> int:
+        return int(self.r.zcount(keys.workers(model), time.time() - self._offline_after(), "+inf"))
+
+    def announced_spec(self, model: str) -> ModelSpec | None:
+        raw = self.r.get(keys.spec(model))
+        return ModelSpec.model_validate_json(raw) if raw else None
+
+    def served_spec(self, model: str) -> ModelSpec | None:
+        """The spec of a model this deployment serves now: a live worker, or declared for scale-to-zero."""
+        if self.workers_online(model) > 0:
+            return self.announced_spec(model)
+        if model in self.settings.served_model_ids:
+            return self.announced_spec(model) or find_spec(model)
+        return None
+
+    def served_since(self, model: str) -> int:
+        """When a worker first served `model` on this deployment (0: never)."""
+        return int(self.r.get(keys.since(model)) or 0)
+
+    def known_models(self) -> builtins.list[ModelSpec]:
+        """The catalogue, the declared models and every model a worker has announced, announced specs first."""
+        announced = sorted(keys.text(m) for m in self.r.smembers(keys.MODELS))
+        ids = dict.fromkeys([*announced, *self.settings.served_model_ids, *CATALOGUE])
+        specs = [self.announced_spec(m) or find_spec(m) for m in ids]
+        return [s for s in specs if s is not None]
+
+    def online_models(self) -> builtins.list[ModelSpec]:
+        ids = sorted(keys.text(m) for m in self.r.smembers(keys.MODELS))
+        specs = [self.announced_spec(m) for m in ids if self.workers_online(m) > 0]
+        return [s for s in specs if s is not None]
+
+    def default_model(self) -> str | None:
+        if self.settings.default_model:
+            return self.settings.default_model
+        for spec in self.online_models():
+            if spec.task == "text-to-video":
+                return spec.id
+        for model in self.settings.served_model_ids:
+            declared = find_spec(model)
+            if declared and declared.task == "text-to-video":
+                return model
+        return None
+
+    # -- /v1/models (service/gateway/roster.py reads this at most once per heartbeat) -------------------------------
+
+    def model_states(self) -> builtins.list[tuple[ModelSpec, int, int]]:
+        """known_models(), each with its workers online and served_since(), in two round trips."""
+        announced = sorted(keys.text(m) for m in self.r.smembers(keys.MODELS))
+        ids = list(dict.fromkeys([*announced, *self.settings.served_model_ids, *CATALOGUE]))
+        cutoff = time.time() - self._offline_after()
+        with self.r.pipeline(transaction=False) as pipe:
+            for m in ids:
+                pipe.get(keys.spec(m))
+                pipe.zcount(keys.workers(m), cutoff, "+inf")
+                pipe.get(keys.since(m))
+            replies = pipe.execute()
+        states = []
+        for i, m in enumerate(ids):
+            raw, workers, since = replies[3 * i : 3 * i + 3]
+            spec = ModelSpec.model_validate_json(raw) if raw else find_spec(m)
+            if spec is not None:
+                states.append((spec, int(workers), int(since or 0)))
+        return states

@@ -1,0 +1,108 @@
+"""Every Redis key family of k5serve, in one place: `k5:<kind>[:<id>]`. RQ keeps its own keys (`rq:*`) in the same
+database; the queue of a model is named by the model id.
+
+Jobs (written only by service/contract/lifecycle.py):
+  k5:video:<id>          the job record (JSON, service/contract/record.py), the source of truth for the video object
+  k5:videos:<owner>      the owner's video ids, all with score 0 so that ZRANGEBYLEX lists them in id order;
+                         ids are time-ordered, so that is creation order
+  k5:inflight:<owner>    the owner's videos that are queued or running: added at creation, removed when final
+  k5:attempt:<id>        hash: n (deliveries a worker took: runs started, and deliveries lost before their run
+                         started), owner (token of the current run), rq (the video's current RQ job id)
+  k5:lease:<id>          the owner token of the run in progress, with a short TTL that its worker's heartbeat
+                         refreshes; an expired lease means the worker is gone
+  k5:running             set of video ids with a run in progress: all the reaper has to look at
+  k5:expiry              sorted set video id -> expires_at of its stored assets
+  k5:idem:<owner>:<hash> an Idempotency-Key (sha256) -> {fingerprint, video_id}
+Housekeeping:
+  k5:lock:janitor        one janitor pass at a time across all the processes that run it
+  k5:limbo:<rq id>       when the janitor first saw an RQ job taken off its queue but not started
+Models and workers:
+  k5:models              set of every model id a worker ever announced
+  k5:spec:<model>        the last ModelSpec a worker announced for <model>
+  k5:since:<model>       when a worker first served <model> (unix seconds)
+  k5:workers:<model>     sorted set worker name -> last heartbeat (unix seconds)
+  k5:timing:<model>      hash: measured seconds per step and overhead, per megavoxel (EWMA), for ETAs
+Access:
+  k5:rate:<owner>:<min>  requests of an API key in one minute window
+Webhooks (service/contract/webhooks.py):
+  k5:webhook:<delivery>  the delivery record (JSON)
+  k5:webhooks:due        sorted set delivery id -> next attempt time (unix seconds)
+  k5:webhooks:video:<id> the video's delivery ids (for operators)
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+
+def text(raw: Any) -> str:
+    """A Redis reply as text: k5serve's connections return bytes (RQ shares them and keeps pickles there)."""
+    return raw.decode() if isinstance(raw, bytes) else str(raw)
+
+
+RUNNING = "k5:running"
+EXPIRY = "k5:expiry"
+JANITOR_LOCK = "k5:lock:janitor"
+MODELS = "k5:models"
+WEBHOOKS_DUE = "k5:webhooks:due"
+# Pub/sub channel of record changes ("<video id> <model>", or "<video id>" for progress), for the gateway's event
+# streams (service/gateway/feed.py); published by the lifecycle in the writing transaction.
+CHANGES = "k5:changes"
+
+
+def video(video_id: str) -> str:
+    return f"k5:video:{video_id}"
+
+
+def videos(owner: str) -> str:
+    return f"k5:videos:{owner}"
+
+
+def inflight(owner: str) -> str:
+    return f"k5:inflight:{owner}"
+
+
+def attempt(video_id: str) -> str:
+    return f"k5:attempt:{video_id}"
+
+
+def lease(video_id: str) -> str:
+    return f"k5:lease:{video_id}"
+
+
+def idempotency(owner: str, key: str) -> str:
+    # Hashed: a client's key is arbitrary text and may be long.
+    return f"k5:idem:{owner}:{hashlib.sha256(key.encode()).hexdigest()}"
+
+
+def limbo(rq_id: str) -> str:
+    return f"k5:limbo:{rq_id}"
+
+
+def spec(model: str) -> str:
+    return f"k5:spec:{model}"
+
+
+def since(model: str) -> str:
+    return f"k5:since:{model}"
+
+
+def workers(model: str) -> str:
+    return f"k5:workers:{model}"
+
+
+def timing(model: str) -> str:
+    return f"k5:timing:{model}"
+
+
+def rate(owner: str, window: int) -> str:
+    return f"k5:rate:{owner}:{window}"
+
+
+def webhook(delivery_id: str) -> str:
+    return f"k5:webhook:{delivery_id}"
+
+
+def video_webhooks(video_id: str) -> str:
+    return f"k5:webhooks:video:{video_id}"

@@ -1,0 +1,347 @@
+"""A job's life: the one writer of job records. Every change of a record is a named transition of EDGES, made by
+`_transact`, which alone watches the job's keys, checks the edge and the run token, writes, and applies what
+leaving a state means (lease and running set, new RQ job, terminal effects) in the same Redis transaction.
+
+Why a token per run and not the worker's name: a worker that was only frozen (a long GC or swap pause, SIGSTOP,
+a network partition) can come back after its job was requeued and started elsewhere. Every write of a run is
+checked against its token first, before anything else about the record: a stale run learns NOT_OWNER, never
+"cancelled", so it neither moves the job nor touches what another run stored. Terminal states are final, so a
+job completes, and sends its terminal webhook, at most once. Each run writes its files under a prefix of its own
+(Run.assets), and deletes only that.
+
+The transitions and who takes them:
+  create     (none) -> queued          the gateway, with the record, the owner's index, the RQ job and the
+                                       Idempotency-Key (service/contract/idempotency.py)
+  start      queued -> in_progress     a worker, for the video's current RQ job only: returns a Run
+  progress   in_progress -> in_progress  the run, at each step; says whether to go on
+  complete   in_progress -> completed  the run, once every file is stored
+  fail       in_progress -> failed     the run, on its own error
+  requeue    in_progress -> queued     the run at shutdown (not an attempt), or the janitor once its lease lapsed
+  redeliver  queued -> queued          the janitor, for an RQ job a worker took but never started
+  give_up    queued|in_progress -> failed (worker_lost)  the janitor, after max_attempts lost runs
+  cancel     queued|in_progress -> failed (cancelled)    the gateway
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from typing import Any
+
+import redis
+
+from service.contract import keys, webhooks
+from service.contract.idempotency import IDEMPOTENCY_TTL_S, IdempotencyKey, replay
+from service.contract.jobs import JobStore, current_rq_id, new_rq_id
+from service.contract.record import JobRecord
+from service.contract.run import Run
+from service.contract.schemas import TERMINAL, VideoError
+from service.contract.transitions import EDGES, Move, Outcome, Snapshot, advanced
+
+log = logging.getLogger(__name__)
+
+__all__ = ["EDGES", "Lifecycle", "Move", "Outcome", "Run", "Snapshot"]
+
+
+# Re-arm the lease only while this run still owns the job: a lease that lapsed during a pause comes back,
+# but never over a job the janitor has already handed to another run.
+_REFRESH = """
+if redis.call('hget', KEYS[2], 'owner') == ARGV[1] then
+  redis.call('set', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+return 0
+"""
+
+_RELEASE = """
+if redis.call('hget', KEYS[1], 'owner') == ARGV[1] then
+  redis.call('hdel', KEYS[1], 'owner')
+  redis.call('del', KEYS[2])
+  redis.call('srem', KEYS[3], ARGV[2])
+end
+"""
+
+
+def publish_change(pipe: Any, rec: JobRecord, moved: bool = True) -> None:
+    """Tell event streams the record changed, in the writer's MULTI: subscribers read it after it is written.
+    moved: its status changed, which moves the queue positions of its model's queued jobs (progress does not)."""
+    pipe.publish(keys.CHANGES, f"{rec.id} {rec.model}" if moved else rec.id)
+
+
+class Lifecycle:
+    def __init__(self, store: JobStore) -> None:
+        self.store, self.r, self.settings = store, store.r, store.settings
+        self._refresh = self.r.register_script(_REFRESH)
+        self._release = self.r.register_script(_RELEASE)
+
+    @property
+    def lease_ms(self) -> int:
+        # Three missed beats, as for a worker's online status.
+        return int(3 * self.settings.heartbeat_s * 1000)
+
+    def attempts(self, video_id: str) -> int:
+        return int(self.r.hget(keys.attempt(video_id), "n") or 0)
+
+    # -- the gateway's transitions ------------------------------------------------------------------------
+
+    def create(
+        self, rec: JobRecord, max_inflight: int | None = None, idem: IdempotencyKey | None = None
+    ) -> JobRecord | None:
+        """Store the record and enqueue its job in one transaction: both happen or neither. Returns the record.
+
+        With `idem`, the key is bound to the video in the same transaction; when it already names a video that
+        exists, nothing is created and that video's record is returned (a replay; Conflict for another request).
+        With `max_inflight`, only while the owner has fewer videos queued or in progress, checked in the same
+        transaction, so that concurrent requests cannot overshoot it together: None when it had as many.
+        """
+        inflight = keys.inflight(rec.owner)
+        with self.r.pipeline() as pipe:
+            while True:
+                try:
+                    pipe.watch(inflight, *([idem.redis_key] if idem else []))
+                    if idem is not None and (earlier := replay(pipe, idem)) is not None:
+                        return earlier
+                    if max_inflight is not None and pipe.scard(inflight) >= max_inflight:
+                        return None
+                    pipe.multi()
+                    pipe.set(keys.video(rec.id), rec.model_dump_json())
+                    pipe.zadd(keys.videos(rec.owner), {rec.id: 0})
+                    pipe.sadd(inflight, rec.id)
+                    if idem is not None:
+                        pipe.set(idem.redis_key, idem.binding(rec.id), ex=IDEMPOTENCY_TTL_S)
+                    self.store.enqueue(pipe, rec.model, rec.id, rec.id, description=f"video {rec.id}")
+                    pipe.execute()
+                    break
+                except redis.WatchError:
+                    continue  # another of the owner's videos was created or finished meanwhile: check again
+        log.info("queued", extra={"video_id": rec.id, "model": rec.model})
+        return rec
+
+    def cancel(self, video_id: str) -> JobRecord | None:
+        """Stop a job: off the queue if queued; a running one learns at its next step and stops.
+
+        Safe to repeat. Returns the final record, or None if it was already final (or gone) before this call.
+        """
+        error = VideoError(code="cancelled", message="The job was cancelled.")
+        outcome, rec = self._transact(
+            video_id, lambda s: Move("cancel", advanced(s, "failed", error=error)), edge="cancel"
+        )
+        if outcome is not Outcome.DONE or rec is None:
+            return None
+        # Its current RQ job: a requeued or redelivered video waits under a new id.
+        queue = self.store.queue(rec.model)
+        for rq_id in dict.fromkeys([video_id, current_rq_id(self.r, video_id)]):
+            if queue.remove(rq_id):  # still waiting, so no worker holds it: its RQ job can go too
+                self.r.delete(queue.job_class.key_for(rq_id))
+        log.info("cancelled", extra={"video_id": video_id})
+        return rec
+
+    def remove(self, rec: JobRecord) -> None:
+        """Forget a video (DELETE, after cancel): its record and its place in the owner's index."""
+        with self.r.pipeline() as pipe:
+            pipe.delete(keys.video(rec.id))
+            pipe.zrem(keys.videos(rec.owner), rec.id)
+            publish_change(pipe, rec)
+            pipe.execute()
+
+    # -- a worker's run ------------------------------------------------------------------------------------
+
+    def start(self, video_id: str, worker: str, rq_id: str, **changes: Any) -> Run | None:
+        """queued -> in_progress for one run, or None when the job is final, gone, already running (a duplicate
+        RQ entry must not start a second run), or `rq_id` is not its current RQ job (an older one, requeued
+        since, comes from a worker that was frozen or lost it and must not run it again)."""
+        token = f"{worker}#{secrets.token_hex(4)}"
+
+        def plan(snap: Snapshot) -> Move | Outcome:
+            if rq_id != snap.rq:
+                return Outcome.REFUSED
+            return Move("start", advanced(snap, "in_progress", worker=worker, **changes), token=token)
+
+        outcome, rec = self._transact(video_id, plan, edge="start")
+        return Run(self, rec, token, rq_id) if outcome is Outcome.DONE and rec is not None else None
+
+    def move_run(
+        self, video_id: str, token: str, edge: str, changes: dict[str, Any]
+    ) -> tuple[Outcome, JobRecord | None]:
+        """A run's own move (progress, complete, fail), checked against its token: Run calls this."""
+
+        def plan(snap: Snapshot) -> Move:
+            update = dict(changes)
+            if "progress" in update and snap.record is not None:  # progress only grows, in any order of writes
+                update["progress"] = max(snap.record.progress, update["progress"])
+            return Move(edge, advanced(snap, EDGES[edge].target, **update))
+
+        return self._transact(video_id, plan, edge=edge, token=token)
+
+    def refresh(self, video_id: str, token: str) -> bool:
+        return bool(self._refresh(keys=[keys.lease(video_id), keys.attempt(video_id)], args=[token, self.lease_ms]))
+
+    def release(self, video_id: str, token: str) -> None:
+        """A run that is over lets go of its job: its owner mark, lease and running entry, if it still holds it."""
+        self._release(keys=[keys.attempt(video_id), keys.lease(video_id), keys.RUNNING], args=[token, video_id])
+
+    # -- the janitor's transitions (service/contract/recovery.py) ----------------------------------------------------
+
+    def requeue(self, video_id: str, token: str | None = None) -> tuple[Outcome, str]:
+        """in_progress -> queued with a new RQ job at the front, or give_up after max_attempts lost runs.
+
+        With a token (a run stopping at shutdown): only its owner, and the run is not counted as an attempt.
+        Without (the janitor): only once the lease has lapsed. Returns the outcome and "requeued", "failed" or
+        "skipped".
+        """
+
+        seen: list[str] = []
+
+        def plan(snap: Snapshot) -> Move | Outcome:
+            seen[:] = [snap.rq]
+            if token is None and snap.leased:
+                return Outcome.REFUSED
+            if token is None and snap.attempts >= self.settings.max_attempts:
+                return self._give_up(snap)
+            reset = {"progress": 0, "worker": None, "started_at": None}
+            n = snap.attempts - 1 if token else snap.attempts
+            return Move("requeue", advanced(snap, "queued", **reset), rq_id=new_rq_id(video_id), attempts=n)
+
+        outcome, rec = self._transact(video_id, plan, edge="requeue", token=token)
+        if outcome is not Outcome.DONE or rec is None:
+            if token is None and outcome in (Outcome.FINAL, Outcome.GONE):
+                self._unwatch(video_id)  # nothing runs it any more: stop looking at it
+            return outcome, "skipped"
+        what = "failed" if rec.status == "failed" else "requeued"
+        if token is None and seen:
+            self.store.forget_rq_job(rec.model, seen[0])
+        log.warning(f"job {what}", extra={"video_id": video_id, "graceful": token is not None})
+        return outcome, what
+
+    def redeliver(self, video_id: str, rq_id: str) -> str:
+        """queued -> queued under a new RQ job, for `rq_id` that a worker took but never started; the lost
+        delivery counts as an attempt, so a job that never gets to start ends worker_lost instead of cycling.
+        Returns "redelivered", "failed" or "skipped"."""
+
+        def plan(snap: Snapshot) -> Move | Outcome:
+            if snap.rq != rq_id:
+                return Outcome.REFUSED
+            if snap.attempts + 1 >= self.settings.max_attempts:
+                move = self._give_up(snap, snap.attempts + 1)
+                move.attempts = snap.attempts + 1
+                return move
+            return Move("redeliver", advanced(snap, "queued"), rq_id=new_rq_id(video_id), attempts=snap.attempts + 1)
+
+        outcome, rec = self._transact(video_id, plan, edge="redeliver", retry=False)
+        if outcome is not Outcome.DONE or rec is None:
+            return "skipped"
+        what = "failed" if rec.status == "failed" else "redelivered"
+        log.warning(f"job {what}: a worker took it but never started it", extra={"video_id": video_id})
+        return what
+
+    def _give_up(self, snap: Snapshot, n: int | None = None) -> Move:
+        n = snap.attempts if n is None else n
+        error = VideoError(code="worker_lost", message=f"The worker running this job was lost {n} times; giving up.")
+        return Move("give_up", advanced(snap, "failed", error=error))
+
+    def _unwatch(self, video_id: str) -> None:
+        with self.r.pipeline() as pipe:
+            pipe.srem(keys.RUNNING, video_id)
+            pipe.delete(keys.lease(video_id))
+            pipe.execute()
+
+    # -- the one transaction -------------------------------------------------------------------------------
+
+    def _transact(
+        self,
+        video_id: str,
+        plan: Callable[[Snapshot], Move | Outcome],
+        *,
+        edge: str,
+        token: str | None = None,
+        retry: bool = True,
+    ) -> tuple[Outcome, JobRecord | None]:
+        """Watch the job's keys, check the run token (first: a stale run is NOT_OWNER, whatever the record
+        says), the record and the edge's source state, let `plan` decide, then write the move and its effects.
+        `retry=False` gives up on a concurrent change (the janitor looks again on its next pass)."""
+        vkey, akey, lkey = keys.video(video_id), keys.attempt(video_id), keys.lease(video_id)
+        with self.r.pipeline() as pipe:
+            while True:
+                try:
+                    pipe.watch(vkey, akey, lkey)
+                    snap = self._read(pipe, video_id)
+                    if token is not None and snap.owner != token:
+                        return Outcome.NOT_OWNER, snap.record
+                    if snap.record is None:
+                        return Outcome.GONE, None
+                    if snap.record.status not in EDGES[edge].sources:
+                        terminal = snap.record.status in TERMINAL
+                        return (Outcome.FINAL if terminal else Outcome.REFUSED), snap.record
+                    move = plan(snap)
+                    if isinstance(move, Outcome):
+                        return move, snap.record
+                    self._check(snap.record, move)
+                    pipe.multi()
+                    self._write(pipe, snap, move)
+                    pipe.execute()
+                    return Outcome.DONE, move.record
+                except redis.WatchError:
+                    if not retry:
+                        return Outcome.REFUSED, None
+
+    @staticmethod
+    def _read(pipe: Any, video_id: str) -> Snapshot:
+        raw = pipe.get(keys.video(video_id))
+        attempt = {k.decode(): v.decode() for k, v in pipe.hgetall(keys.attempt(video_id)).items()}
+        return Snapshot(
+            record=JobRecord.model_validate_json(raw) if raw else None,
+            owner=attempt.get("owner", ""),
+            rq=attempt.get("rq") or video_id,
+            attempts=int(attempt.get("n", 0)),
+            leased=bool(pipe.exists(keys.lease(video_id))),
+        )
+
+    @staticmethod
+    def _check(old: JobRecord, move: Move) -> None:
+        edge = EDGES[move.edge]
+        if old.status not in edge.sources or move.record.status != edge.target:
+            raise ValueError(f"{old.id}: {old.status} -> {move.record.status} is not the edge {move.edge}")
+
+    def _write(self, pipe: Any, snap: Snapshot, move: Move) -> None:
+        rec, video_id = move.record, move.record.id
+        akey, lkey = keys.attempt(video_id), keys.lease(video_id)
+        pipe.set(keys.video(video_id), rec.model_dump_json(), keepttl=True)
+        moved = snap.record is None or snap.record.status != rec.status
+        publish_change(pipe, rec, moved=moved)
+        if move.attempts is not None:
+            pipe.hset(akey, "n", move.attempts)
+        if move.token is not None:  # a run starts: it owns the job and holds its lease
+            pipe.hincrby(akey, "n", 1)
+            pipe.hset(akey, mapping={"owner": move.token, "rq": snap.rq})
+            pipe.set(lkey, move.token, px=self.lease_ms)
+            pipe.sadd(keys.RUNNING, video_id)
+        if move.rq_id is not None:  # a new RQ job: the old one, should it still run, may not start it
+            pipe.hset(akey, "rq", move.rq_id)
+            pipe.hdel(akey, "owner")
+            pipe.expire(akey, self.store.record_ttl_s)
+            self.store.enqueue(
+                pipe, rec.model, video_id, move.rq_id, description=f"video {video_id} ({move.edge})", at_front=True
+            )
+        if snap.record is not None and snap.record.status == "in_progress" and rec.status != "in_progress":
+            pipe.delete(lkey)
+            pipe.srem(keys.RUNNING, video_id)
+        if rec.status in TERMINAL:
+            self._terminal_effects(pipe, rec)
+
+    def _terminal_effects(self, pipe: Any, rec: JobRecord) -> None:
+        """Everything a job's end writes, with the record: the webhook event (exactly once, never lost), the
+        TTLs, the owner's in-flight count, the expiry of its stored files. The attempt hash keeps its owner: a
+        run that held the job learns FINAL (it was cancelled), any other run NOT_OWNER."""
+        ttl = self.store.record_ttl_s
+        pipe.expire(keys.video(rec.id), ttl)
+        pipe.expire(keys.attempt(rec.id), ttl)
+        pipe.srem(keys.inflight(rec.owner), rec.id)
+        if rec.status == "completed" and rec.expires_at is not None:
+            # Registered with the completion itself: no stored video can escape the sweep.
+            pipe.zadd(keys.EXPIRY, {rec.id: rec.expires_at})
+        urls = [u for u in (rec.webhook_url, self.settings.webhook_url) if u]
+        if urls and self.settings.webhook_secret:
+            event_ttl = int(self.settings.webhook_retry_window_s) + 7 * 86400
+            webhooks.queue_event(pipe, rec.public().model_dump(mode="json"), urls, time.time(), event_ttl)

@@ -1,0 +1,93 @@
+"""API keys, per-key isolation and limits.
+
+Keys come from K5_API_KEYS or K5_API_KEYS_FILE (a mounted Secret) and are kept only as SHA-256 digests. A key's
+owner id (a prefix of its digest) tags every video it creates: other keys get 404 for it, never 403, so ids do
+not leak. Without keys the gateway serves anonymously only when K5_ALLOW_ANONYMOUS=true.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+
+import redis
+
+from service.contract import keys
+from service.contract.problems import Throttled
+from service.contract.settings import Settings
+
+log = logging.getLogger(__name__)
+
+ANONYMOUS = "anonymous"
+
+
+class AuthError(Exception):
+    pass
+
+
+def owner_of(digest: str) -> str:
+    return f"key_{digest[:16]}"
+
+
+class KeyRing:
+    """The configured keys as digest -> owner id; the plain keys are not kept."""
+
+    def __init__(self, settings: Settings) -> None:
+        keys = list(settings.api_keys)
+        if settings.api_keys_file is not None:
+            try:
+                lines = settings.api_keys_file.read_text().splitlines()
+            except OSError as e:
+                raise SystemExit(f"K5_API_KEYS_FILE {settings.api_keys_file} cannot be read: {e}") from e
+            keys += [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+        digests = {hashlib.sha256(k.encode()).hexdigest() for k in keys}
+        self.owners = {d: owner_of(d) for d in digests}
+        self.anonymous = not self.owners
+        if self.anonymous and not settings.allow_anonymous:
+            raise SystemExit(
+                "No API keys configured (K5_API_KEYS or K5_API_KEYS_FILE). Set keys, or K5_ALLOW_ANONYMOUS=true "
+                "to serve without authentication (local development only)."
+            )
+        if self.anonymous:
+            log.warning("!!! NO API KEYS: the gateway serves ANYONE without authentication (K5_ALLOW_ANONYMOUS) !!!")
+        else:
+            log.info("API keys loaded", extra={"keys": len(self.owners)})
+
+    def authenticate(self, authorization: str | None) -> str:
+        """The owner id of a request's bearer token; raises AuthError."""
+        if self.anonymous:
+            return ANONYMOUS
+        scheme, _, token = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise AuthError("Missing API key: send 'Authorization: Bearer <key>'.")
+        owner = self.owners.get(hashlib.sha256(token.strip().encode()).hexdigest())
+        if owner is None:
+            raise AuthError("Invalid API key.")
+        return owner
+
+
+class Limits:
+    """Per-key request rate (fixed one-minute windows in Redis, shared by every gateway replica)."""
+
+    def __init__(self, r: redis.Redis, settings: Settings) -> None:
+        self.r = r
+        self.per_min = settings.rate_limit_per_min
+
+    def check_rate(self, owner: str) -> None:
+        now = time.time()
+        window = int(now // 60)
+        key = keys.rate(owner, window)
+        with self.r.pipeline() as pipe:
+            pipe.incr(key)
+            pipe.expire(key, 120)
+            count = pipe.execute()[0]
+        if count > self.per_min:
+            raise too_many(
+                f"Rate limit of {self.per_min} requests per minute exceeded.", "rate_limited", (window + 1) * 60 - now
+            )
+
+
+def too_many(message: str, code: str, retry_after_s: float) -> Throttled:
+    """A 429 with the Retry-After headers the openai SDK honours."""
+    return Throttled(message, code=code, retry_after_s=retry_after_s)
