@@ -138,10 +138,8 @@ def test_worker_does_not_import_fastapi():
 
 
 def test_redis_keys_are_named_in_one_module():
-    """service/contract/keys.py names every key family; webhooks.py still spells its three itself, and must agree."""
-    from service.contract import keys, webhooks
-
-    allowed = {ROOT / "service" / "contract" / "keys.py", ROOT / "service" / "contract" / "webhooks.py"}
+    """service/contract/keys.py names every key family: no other module spells one."""
+    allowed = {ROOT / "service" / "contract" / "keys.py"}
     inline = [
         str(p.relative_to(ROOT))
         for d in ("service", "worker")
@@ -149,4 +147,3 @@ def test_redis_keys_are_named_in_one_module():
         if p not in allowed and ('"k5:' in p.read_text() or 'f"k5:' in p.read_text())
     ]
     assert inline == []
-    assert webhooks.DUE == keys.WEBHOOKS_DUE and webhooks.delivery_key("d1") == keys.webhook("d1")

@@ -1,14 +1,12 @@
 """Customer webhooks: Standard Webhooks signing, URL safety, and durable delivery from Redis.
 
-Events are written by the job's terminal transition itself (JobStore.update, in the same MULTI), so each job
-yields exactly one video.completed or video.failed per endpoint and a crash cannot lose it. The delivery process
-(`k5serve webhooks`) claims due deliveries with a lease, so a crashed deliverer's work is retried by another;
+Events are written by the job's terminal transition itself (service/contract/lifecycle.py, in the same MULTI), so
+each job yields exactly one video.completed or video.failed per endpoint and a crash cannot lose it. The delivery
+process (`k5serve webhooks`) claims due deliveries with a lease, so a crashed deliverer's work is retried by another;
 receivers deduplicate on webhook-id, which stays the same across attempts.
 
-Redis keys:
-  k5:webhook:<delivery id>          the delivery record (JSON)
-  k5:webhooks:due                   sorted set delivery id -> next attempt time (unix seconds)
-  k5:webhooks:video:<video id>      the video's delivery ids (for operators)
+Redis keys (named in service/contract/keys.py): the delivery record (JSON), the due set (delivery id -> next
+attempt time, unix seconds) and each video's delivery ids (for operators and DELETE).
 """
 
 from __future__ import annotations
@@ -29,9 +27,11 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel
 from standardwebhooks import Webhook
 
+from service.contract import keys
+
 log = logging.getLogger(__name__)
 
-DUE = "k5:webhooks:due"
+DUE = keys.WEBHOOKS_DUE
 EVENT_TYPES = {"completed": "video.completed", "failed": "video.failed"}
 State = Literal["pending", "delivered", "gone", "failed", "refused"]
 
@@ -162,7 +162,7 @@ class Delivery(BaseModel):
 
 
 def delivery_key(delivery_id: str) -> str:
-    return f"k5:webhook:{delivery_id}"
+    return keys.webhook(delivery_id)
 
 
 def queue_event(pipe: Any, video: dict, urls: list[str], now: float, record_ttl_s: int) -> None:
@@ -192,8 +192,8 @@ def queue_event(pipe: Any, video: dict, urls: list[str], now: float, record_ttl_
             next_at=now,
         )
         pipe.set(delivery_key(d.id), d.model_dump_json(), ex=record_ttl_s)
-        pipe.sadd(f"k5:webhooks:video:{video['id']}", d.id)
-        pipe.expire(f"k5:webhooks:video:{video['id']}", record_ttl_s)
+        pipe.sadd(keys.video_webhooks(video["id"]), d.id)
+        pipe.expire(keys.video_webhooks(video["id"]), record_ttl_s)
         pipe.zadd(DUE, {d.id: now})
 
 
@@ -204,7 +204,7 @@ def backoff(attempts: int, base_s: float, max_s: float) -> float:
 
 
 def deliveries_of(r: Any, video_id: str) -> list[Delivery]:
-    ids = sorted(i.decode() for i in r.smembers(f"k5:webhooks:video:{video_id}"))
+    ids = sorted(i.decode() for i in r.smembers(keys.video_webhooks(video_id)))
     raws = r.mget([delivery_key(i) for i in ids]) if ids else []
     return [Delivery.model_validate_json(raw) for raw in raws if raw]
 

@@ -43,8 +43,10 @@ def readyz(request: Request, store: StoreDep, storage: StorageDep) -> JSONRespon
             check()
             details[name] = "ok"
         except Exception as e:  # any failure means not ready; the log says why
-            details[name] = f"error: {e}"
-            log.warning("readiness: %s unavailable: %s", name, e)
+            # The store's own errors name no host (they reach clients); its cause does, for the operator.
+            why = f"{e} ({e.__cause__})" if e.__cause__ is not None else str(e)
+            details[name] = f"error: {why}"
+            log.warning("readiness: %s unavailable: %s", name, why)
     ok = all(v == "ok" for v in details.values())
     checks = details if _authenticated(request) else {k: v.split(":", 1)[0] for k, v in details.items()}
     body = HealthStatus(status="ok" if ok else "unavailable", checks=checks)
