@@ -221,10 +221,10 @@ def resolve(model: str) -> None:
     click.echo(json.dumps(spec.model_dump(), indent=2))
 
 
-# The client commands (generate, videos, models) talk to a gateway over HTTP; they live in cli_client, and so does
-# the one-line error report (`_fail`) that the operator commands above use too.
+# The client commands (generate, videos, models) talk to a gateway over HTTP; they live in console/cli_client, and
+# console/terminal holds the one-line error report (`_fail`) that the operator commands above use too.
 from service.console import cli_client  # noqa: E402
-from service.console.cli_client import _fail  # noqa: E402
+from service.console.terminal import _fail  # noqa: E402
 
 for _command in cli_client.COMMANDS:
     main.add_command(_command)

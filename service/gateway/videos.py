@@ -2,30 +2,28 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import hashlib
 import logging
-import math
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from starlette.concurrency import run_in_threadpool
-
-from service.contract import keys
 from service.contract.idempotency import IdempotencyKey, replay
 from service.contract.jobs import INPUT_IMAGE, VARIANTS, JobRecord, JobStore, asset_key, plan_job
 from service.contract.lifecycle import Lifecycle
-from service.contract.models import ModelSpec, parse_size, resolve_alias
-from service.contract.problems import Conflict, Gone, InvalidParameter, NotFound, Throttled, Unavailable
-from service.contract.schemas import TERMINAL, VideoCreate
+from service.contract.models import resolve_alias
+from service.contract.problems import Conflict, Gone, InvalidParameter, NotFound
+from service.contract.schemas import VideoCreate
 from service.contract.settings import Settings
-from service.contract.storage import Storage, StorageError, StorageFull
-from service.contract.webhooks import UnsafeURL, URLPolicy
-from service.gateway.auth import too_many
-from service.gateway.feed import FALLBACK_S, ChangeFeed, feed_for
+from service.contract.storage import Storage, StorageError
+from service.gateway.admission import (
+    check_capacity,
+    check_storage,
+    check_webhook_url,
+    fingerprint,
+    size_message,
+    too_many_inflight,
+    unserved_message,
+)
 from service.gateway.images import decode_data_url, prepare_image
 
 log = logging.getLogger(__name__)
@@ -149,104 +147,6 @@ def remix(
     return submit(req, store, storage, settings, image, owner=owner, idempotency_key=key, remixed_from=source.id)
 
 
-def unserved_message(requested: str, model: str, store: JobStore, settings: Settings) -> str:
-    """What to send instead of a model this deployment does not serve."""
-    alias = f" (an alias of '{model}')" if model != requested else ""
-    online = store.online_models()
-    served = ", ".join(f"'{s.id}' ({s.task})" for s in online) or "none is online now"
-    aliases = ", ".join(f"'{a}'" for a, target in settings.aliases.items() if target in {s.id for s in online})
-    hint = f"; aliases: {aliases}" if aliases else ""
-    return (
-        f"The model '{requested}'{alias} is not served by this deployment. Use one of: {served}{hint}. "
-        "GET /v1/models lists every model; an operator can map other names with K5_MODEL_ALIASES."
-    )
-
-
-def size_message(size: str, spec: ModelSpec) -> str:
-    """Names the model's sizes, and the one whose aspect ratio is nearest (1280x720 -> 768x512)."""
-    message = f"Invalid size '{size}' for model {spec.id}; supported sizes: {', '.join(spec.sizes)}"
-    width, height = parse_size(size)
-    if not width or not height:
-        return message + "."
-
-    def distance(candidate: str) -> float:
-        w, h = parse_size(candidate)
-        return abs(math.log(w / h) - math.log(width / height))
-
-    return message + f" (the nearest in aspect ratio is {min(spec.sizes, key=distance)})."
-
-
-def check_capacity(store: JobStore, settings: Settings, owner: str, model: str) -> None:
-    """Backpressure before anything is stored: the key's jobs in flight, and the model's queue.
-
-    The in-flight limit is checked again, atomically, when the job is created (Lifecycle.create); this early
-    check only spares a request that would be refused the image upload. The queue depth is checked here only:
-    a burst of concurrent requests can overshoot it by the burst's size, which is fine for a load-shedding cap.
-    """
-    if store.inflight(owner) >= settings.max_inflight_per_key:
-        raise too_many_inflight(store, settings, owner)
-    if store.queue(model).count >= settings.max_queue_depth:
-        raise too_many(f"The queue of model {model} is full; retry later.", "queue_full", 30)
-
-
-def check_storage(call: Callable[[], None]) -> None:
-    """A store that is away or full refuses new jobs with a 503 and Retry-After (which clients retry), rather
-    than accepting work whose video could not be kept."""
-    try:
-        call()
-    except StorageError as e:
-        full = isinstance(e, StorageFull)
-        raise Unavailable(
-            f"The server's storage is {'full' if full else 'unavailable'}; retry later.",
-            code="storage_full" if full else "storage_unavailable",
-            retry_after_s=30 if full else 5,
-        ) from e
-
-
-def too_many_inflight(store: JobStore, settings: Settings, owner: str) -> Throttled:
-    return too_many(
-        f"You have {settings.max_inflight_per_key} videos queued or in progress; wait for one to finish.",
-        "too_many_inflight",
-        first_slot_free_s(store, owner),
-    )
-
-
-def first_slot_free_s(store: JobStore, owner: str, fallback_s: float = 5.0) -> float:
-    """Seconds until the key's first job in flight is expected to finish (its estimated_completion_at), so a
-    client's retry lands when a slot is free rather than after a fixed guess; the fallback while nothing has
-    been timed yet. Only the key's oldest few jobs are looked at: running jobs finish first."""
-    names = [keys.video(keys.text(m)) for m in store.r.smembers(keys.inflight(owner))]
-    raws = store.r.mget(names) if names else []
-    records = [JobRecord.model_validate_json(raw) for raw in raws if raw]
-    records = [rec for rec in records if rec.status not in TERMINAL]
-    records.sort(key=lambda rec: (rec.status != "in_progress", rec.created_at))
-    now = time.time()
-    etas = [store.view(rec).estimated_completion_at for rec in records[:4]]
-    known = [eta - now for eta in etas if eta is not None]
-    return min(max(min(known), 1.0), 3600.0) if known else fallback_s
-
-
-def fingerprint(req: VideoCreate, image: bytes | None) -> str:
-    """What makes two requests 'the same' for an Idempotency-Key: every field, and the image's bytes."""
-    h = hashlib.sha256(req.model_dump_json(exclude_none=True).encode())
-    if image is not None:
-        h.update(hashlib.sha256(image).digest())
-    return h.hexdigest()
-
-
-def check_webhook_url(url: str, settings: Settings) -> None:
-    if not settings.webhook_secret:
-        raise InvalidParameter(
-            "Webhooks are not enabled on this deployment (no signing secret is configured).",
-            param="webhook_url",
-            code="webhooks_disabled",
-        )
-    try:
-        URLPolicy(settings.webhook_allowed_hosts).check(url)
-    except UnsafeURL as e:
-        raise InvalidParameter(f"Invalid webhook_url: {e}.", param="webhook_url", code="unsafe_webhook_url") from e
-
-
 def cancel(store: JobStore, video_id: str, owner: str) -> JobRecord:
     """POST /v1/videos/{id}/cancel: harmless to repeat; a completed video cannot be cancelled."""
     rec = get_owned(store, video_id, owner)
@@ -266,107 +166,6 @@ def delete(store: JobStore, storage: Storage, video_id: str, owner: str) -> None
     life.cancel(video_id)
     storage.delete_prefix(rec.id)
     life.remove(rec)
-
-
-def event_id(view) -> str:
-    """The id of a state: a stream resumed with Last-Event-ID skips a state the client already has."""
-    return f"{view.status}.{view.progress}.{view.queue_position}"
-
-
-async def events(
-    store: JobStore,
-    feed: ChangeFeed,
-    video_id: str,
-    *,
-    last_event_id: str | None = None,
-    lifetime_s: float = 600.0,
-    ping_s: float = 15.0,
-) -> AsyncIterator[str]:
-    """SSE frames for one video until it is terminal, deleted, or the stream's lifetime ends (then the client
-    reconnects, sending Last-Event-ID). Woken by the change feed, not by polling: an idle stream costs Redis
-    nothing but a re-read every few seconds (FALLBACK_S), in case a message was missed."""
-    rec = await run_in_threadpool(store.get, video_id)
-    if rec is None:
-        return
-    deadline = time.monotonic() + lifetime_s
-    last_sent = time.monotonic()
-    with feed.watch(video_id, rec.model) as changed:
-        while True:
-            changed.clear()
-            rec = await run_in_threadpool(store.get, video_id)
-            if rec is None:
-                return
-            view = await run_in_threadpool(store.view, rec)
-            eid = event_id(view)
-            if eid != last_event_id:
-                yield f"id: {eid}\nevent: video\ndata: {view.model_dump_json()}\n\n"
-                last_event_id, last_sent = eid, time.monotonic()
-            if view.status in TERMINAL:
-                return
-            # Until a change, the slow re-read, or the end of the lifetime; pings meanwhile.
-            reread_at = time.monotonic() + FALLBACK_S
-            while True:
-                now = time.monotonic()
-                if now >= deadline:
-                    yield "retry: 1000\n\n"  # lifetime over: reconnect in a second, resuming from the id above
-                    return
-                try:
-                    await asyncio.wait_for(changed.wait(), max(0.0, min(deadline, last_sent + ping_s, reread_at) - now))
-                    break
-                except TimeoutError:
-                    pass
-                if time.monotonic() - last_sent >= ping_s:
-                    yield ": ping\n\n"  # keeps proxies from closing an idle stream
-                    last_sent = time.monotonic()
-                if time.monotonic() >= reread_at:
-                    break
-            await asyncio.sleep(0.05)  # coalesce a burst of step updates into one read
-
-
-class StreamLimit:
-    """Event streams open per API key in this process: a cap, so one key cannot hold the gateway's streams."""
-
-    def __init__(self) -> None:
-        self.open: dict[str, int] = {}
-
-    @contextlib.contextmanager
-    def hold(self, owner: str, cap: int) -> Iterator[None]:
-        if self.open.get(owner, 0) >= cap:
-            raise too_many(f"You have {cap} event streams open; close one first.", "too_many_streams", 5)
-        self.open[owner] = self.open.get(owner, 0) + 1
-        try:
-            yield
-        finally:
-            self.open[owner] -= 1
-            if not self.open[owner]:
-                del self.open[owner]
-
-
-STREAMS = StreamLimit()
-
-
-def open_stream(
-    store: JobStore, settings: Settings, video_id: str, owner: str, last_event_id: str | None
-) -> AsyncIterator[str]:
-    """GET /v1/videos/{id}/events: refuses (429) a key at its cap of open streams before the stream starts."""
-    cap = settings.sse_max_streams_per_key
-    with STREAMS.hold(owner, cap):
-        pass  # the check only; the stream holds its slot while it runs
-
-    async def frames() -> AsyncIterator[str]:
-        with STREAMS.hold(owner, cap):
-            feed = feed_for(settings.redis_url)
-            async for frame in events(
-                store,
-                feed,
-                video_id,
-                last_event_id=last_event_id,
-                lifetime_s=settings.sse_max_lifetime_s,
-                ping_s=settings.sse_ping_s,
-            ):
-                yield frame
-
-    return frames()
 
 
 def get_owned(store: JobStore, video_id: str, owner: str) -> JobRecord:

@@ -10,7 +10,7 @@ from fastapi.responses import FileResponse, RedirectResponse, StreamingResponse
 
 from service.contract.jobs import Variant
 from service.contract.schemas import TERMINAL, VIDEO_ID_PATTERN, Video, VideoDeleted, VideoList
-from service.gateway import videos
+from service.gateway import streams, videos
 from service.gateway.deps import OwnerDep, SettingsDep, StorageDep, StoreDep
 from service.gateway.errors import responses
 from service.gateway.forms import parse_create, parse_remix
@@ -157,7 +157,7 @@ async def video_events(
     client then reconnects with Last-Event-ID and gets only what changed since."""
     await run_in_threadpool(videos.get_owned, store, video_id, owner)  # a 404 before the stream starts
     return StreamingResponse(
-        videos.open_stream(store, settings, video_id, owner, last_event_id),
+        streams.open_stream(store, settings, video_id, owner, last_event_id),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )

@@ -1,0 +1,117 @@
+"""What a request must pass before it becomes a job: a served model and size, room in the key's and the
+model's limits, a reachable store, a safe webhook URL; and the refusals that say what to send instead."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from collections.abc import Callable
+
+from service.contract import keys
+from service.contract.jobs import JobRecord, JobStore
+from service.contract.models import ModelSpec, parse_size
+from service.contract.problems import InvalidParameter, Throttled, Unavailable
+from service.contract.schemas import TERMINAL, VideoCreate
+from service.contract.settings import Settings
+from service.contract.storage import StorageError, StorageFull
+from service.contract.webhooks import UnsafeURL, URLPolicy
+from service.gateway.auth import too_many
+
+
+def unserved_message(requested: str, model: str, store: JobStore, settings: Settings) -> str:
+    """What to send instead of a model this deployment does not serve."""
+    alias = f" (an alias of '{model}')" if model != requested else ""
+    online = store.online_models()
+    served = ", ".join(f"'{s.id}' ({s.task})" for s in online) or "none is online now"
+    aliases = ", ".join(f"'{a}'" for a, target in settings.aliases.items() if target in {s.id for s in online})
+    hint = f"; aliases: {aliases}" if aliases else ""
+    return (
+        f"The model '{requested}'{alias} is not served by this deployment. Use one of: {served}{hint}. "
+        "GET /v1/models lists every model; an operator can map other names with K5_MODEL_ALIASES."
+    )
+
+
+def size_message(size: str, spec: ModelSpec) -> str:
+    """Names the model's sizes, and the one whose aspect ratio is nearest (1280x720 -> 768x512)."""
+    message = f"Invalid size '{size}' for model {spec.id}; supported sizes: {', '.join(spec.sizes)}"
+    width, height = parse_size(size)
+    if not width or not height:
+        return message + "."
+
+    def distance(candidate: str) -> float:
+        w, h = parse_size(candidate)
+        return abs(math.log(w / h) - math.log(width / height))
+
+    return message + f" (the nearest in aspect ratio is {min(spec.sizes, key=distance)})."
+
+
+def check_capacity(store: JobStore, settings: Settings, owner: str, model: str) -> None:
+    """Backpressure before anything is stored: the key's jobs in flight, and the model's queue.
+
+    The in-flight limit is checked again, atomically, when the job is created (Lifecycle.create); this early
+    check only spares a request that would be refused the image upload. The queue depth is checked here only:
+    a burst of concurrent requests can overshoot it by the burst's size, which is fine for a load-shedding cap.
+    """
+    if store.inflight(owner) >= settings.max_inflight_per_key:
+        raise too_many_inflight(store, settings, owner)
+    if store.queue(model).count >= settings.max_queue_depth:
+        raise too_many(f"The queue of model {model} is full; retry later.", "queue_full", 30)
+
+
+def check_storage(call: Callable[[], None]) -> None:
+    """A store that is away or full refuses new jobs with a 503 and Retry-After (which clients retry), rather
+    than accepting work whose video could not be kept."""
+    try:
+        call()
+    except StorageError as e:
+        full = isinstance(e, StorageFull)
+        raise Unavailable(
+            f"The server's storage is {'full' if full else 'unavailable'}; retry later.",
+            code="storage_full" if full else "storage_unavailable",
+            retry_after_s=30 if full else 5,
+        ) from e
+
+
+def too_many_inflight(store: JobStore, settings: Settings, owner: str) -> Throttled:
+    return too_many(
+        f"You have {settings.max_inflight_per_key} videos queued or in progress; wait for one to finish.",
+        "too_many_inflight",
+        first_slot_free_s(store, owner),
+    )
+
+
+def first_slot_free_s(store: JobStore, owner: str, fallback_s: float = 5.0) -> float:
+    """Seconds until the key's first job in flight is expected to finish (its estimated_completion_at), so a
+    client's retry lands when a slot is free rather than after a fixed guess; the fallback while nothing has
+    been timed yet. Only the key's oldest few jobs are looked at: running jobs finish first."""
+    names = [keys.video(keys.text(m)) for m in store.r.smembers(keys.inflight(owner))]
+    raws = store.r.mget(names) if names else []
+    records = [JobRecord.model_validate_json(raw) for raw in raws if raw]
+    records = [rec for rec in records if rec.status not in TERMINAL]
+    records.sort(key=lambda rec: (rec.status != "in_progress", rec.created_at))
+    now = time.time()
+    etas = [store.view(rec).estimated_completion_at for rec in records[:4]]
+    known = [eta - now for eta in etas if eta is not None]
+    return min(max(min(known), 1.0), 3600.0) if known else fallback_s
+
+
+def fingerprint(req: VideoCreate, image: bytes | None) -> str:
+    """What makes two requests 'the same' for an Idempotency-Key: every field, and the image's bytes."""
+    h = hashlib.sha256(req.model_dump_json(exclude_none=True).encode())
+    if image is not None:
+        h.update(hashlib.sha256(image).digest())
+    return h.hexdigest()
+
+
+def check_webhook_url(url: str, settings: Settings) -> None:
+    if not settings.webhook_secret:
+        raise InvalidParameter(
+            "Webhooks are not enabled on this deployment (no signing secret is configured).",
+            param="webhook_url",
+            code="webhooks_disabled",
+        )
+    try:
+        URLPolicy(settings.webhook_allowed_hosts).check(url)
+    except UnsafeURL as e:
+        raise InvalidParameter(f"Invalid webhook_url: {e}.", param="webhook_url", code="unsafe_webhook_url") from e
