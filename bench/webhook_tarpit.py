@@ -35,15 +35,20 @@ COLUMNS += [("first delivery s", "first_s", "{:.2f}"), ("most connections at onc
 
 
 class Tarpit:
+    """Accepts, reads the request, then answers one byte every 5 s, forever: no read ever times out."""
+
     def __init__(self) -> None:
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.stopped = threading.Event()
-        self.open = self.most_open = 0
         self.lock = threading.Lock()
+        self.open = self.most_open = self.accepted = 0
         threading.Thread(target=self._serve, daemon=True).start()
 
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.sock.getsockname()[1]}/hook"
+
     def _serve(self) -> None:
-        while True:
+        while not self.stopped.is_set():
             try:
                 conn, _ = self.sock.accept()
             except OSError:
@@ -52,6 +57,7 @@ class Tarpit:
 
     def _trickle(self, conn: socket.socket) -> None:
         with self.lock:
+            self.accepted += 1
             self.open += 1
             self.most_open = max(self.most_open, self.open)
         try:
@@ -66,6 +72,10 @@ class Tarpit:
             conn.close()
             with self.lock:
                 self.open -= 1
+
+    def close(self) -> None:
+        self.stopped.set()
+        self.sock.close()
 
 
 def healthy_receiver(arrivals: list[float]) -> ThreadingHTTPServer:

@@ -17,56 +17,13 @@ from pathlib import Path
 import pytest
 from standardwebhooks import Webhook
 
+from bench.webhook_tarpit import Tarpit
 from service.console.localstack import stop_process
 from service.contract import webhooks
 from service.contract.settings import Settings
 from service.delivery.deliverer import Deliverer
 from tests.conftest import WEBHOOK_SECRET, start_service
 from tests.test_lifecycle import Receiver
-
-
-class Tarpit:
-    """Accepts, reads the request, then answers one byte every 5 s, forever: no read ever times out."""
-
-    def __init__(self) -> None:
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.stopped = threading.Event()
-        self.lock = threading.Lock()
-        self.open = self.most_open = self.accepted = 0
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.sock.getsockname()[1]}/hook"
-
-    def _serve(self) -> None:
-        while not self.stopped.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._trickle, args=(conn,), daemon=True).start()
-
-    def _trickle(self, conn: socket.socket) -> None:
-        with self.lock:
-            self.accepted += 1
-            self.open += 1
-            self.most_open = max(self.most_open, self.open)
-        try:
-            conn.recv(65536)
-            for byte in b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n" * 100:
-                conn.sendall(bytes([byte]))
-                if self.stopped.wait(5):
-                    break
-        except OSError:
-            pass
-        finally:
-            conn.close()
-            with self.lock:
-                self.open -= 1
-
-    def close(self) -> None:
-        self.stopped.set()
-        self.sock.close()
 
 
 @pytest.fixture
