@@ -248,9 +248,32 @@ def stack(redis_server, s3_server, tiny_models, tmp_path_factory) -> Iterator[St
             stop_process(p.popen, timeout=20)
 
 
+# Modules whose tests start real gateway, deliverer or S3 processes of their own, or spend tens of CPU seconds
+# (the real VAE architecture, compile counting over every bucket): `slow` too.
+SLOW_MODULES = {
+    "test_bench_gateway_input",
+    "test_compile",
+    "test_gateway_bench",
+    "test_gateway_socket",
+    "test_gateway_surface",
+    "test_hostile_http",
+    "test_model_aliases",
+    "test_remix",
+    "test_retry_after",
+    "test_roster",
+    "test_rq_history",
+    "test_sse",
+    "test_storage_faults",
+    "test_webhook_delivery",
+}
+SLOW_TESTS = {"test_vae_estimate_matches_the_real_vae_architecture_on_cpu", "test_api_conforms_to_openapi"}
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Every test on the session's process stack (gateway, workers, webhook sender) is `slow`, like the tests
-    that start worker processes of their own and mark themselves: `make test-fast` leaves them out."""
+    that start processes of their own and mark themselves or are listed above: `make test-fast` leaves them out."""
     for item in items:
-        if "stack" in getattr(item, "fixturenames", ()):
+        module = item.module.__name__.rsplit(".", 1)[-1] if getattr(item, "module", None) else ""
+        name = getattr(item, "originalname", item.name)
+        if "stack" in getattr(item, "fixturenames", ()) or module in SLOW_MODULES or name in SLOW_TESTS:
             item.add_marker(pytest.mark.slow)
