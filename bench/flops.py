@@ -18,7 +18,7 @@ from bench.configs import build_transformer, transformer_config
 
 
 def transformer_flops(config: dict, visual_tokens: int, text_tokens: int, kept: float = 1.0) -> dict[str, float]:
-    """FLOPs of one transformer forward, split as in REFERENCE 2 (linear / self-attention / cross-attention)."""
+    """FLOPs of one transformer forward, split three ways (linear / self-attention / cross-attention)."""
     d, ff, n, lt = config["model_dim"], config["ff_dim"], visual_tokens, text_tokens
     per_visual_block = 2 * n * (4 * d * d + 2 * d * d + 2 * d * ff) + 2 * lt * 2 * d * d  # + text K/V projections
     per_text_block = 2 * lt * (4 * d * d + 2 * d * ff) + 4 * lt * lt * d

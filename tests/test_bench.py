@@ -128,11 +128,11 @@ def test_merged_table_compares_dense_and_nabla_runs_of_one_shape(tmp_path):
 
 def test_flop_model_matches_torch_count_and_reference():
     check = flops.check_full_size("lite", width=768, height=512, frames=121, text=256)
-    assert check["visual_tokens"] == 47_616  # 31 x 32 x 48 (REFERENCE 2)
+    assert check["visual_tokens"] == 47_616  # 31 x 32 x 48 (after 1x2x2 patching)
     assert check["params_b"] == pytest.approx(2.0, abs=0.05)
     analytic = check["analytic_tflop"]
     assert analytic["total"] == pytest.approx(check["counted_tflop"], rel=1e-4)
-    # REFERENCE 2: about 660 TFLOP per forward (linear 137, self-attention 520, cross-attention 3); VAE ~1.2 PFLOP.
+    # By hand: about 660 TFLOP per forward (linear 137, self-attention 520, cross-attention 3); VAE ~1.2 PFLOP.
     assert analytic["total"] == pytest.approx(660, rel=0.01)
     assert analytic["linear"] == pytest.approx(137, rel=0.01)
     assert analytic["self_attention"] == pytest.approx(520, rel=0.01)

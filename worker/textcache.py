@@ -1,7 +1,7 @@
 """Prompt embeddings: computed once per distinct prompt, with the text encoders placed where they cost least.
 
 The pipeline accepts precomputed (Qwen embeds, CLIP pooled embeds, cu_seqlens) triples and gives identical output
-(REFERENCE 1). Encoding a prompt runs a 7B Qwen2.5-VL model, so repeated prompts and the negative prompt, which
+Encoding a prompt runs a 7B Qwen2.5-VL model, so repeated prompts and the negative prompt, which
 is the same for almost every job, are served from memory instead.
 """
 

@@ -28,7 +28,8 @@ class ModelSpec(BaseModel):
     source: str
     # Allowed output sizes as "WxH" (width first, as in the OpenAI API); the first is the default.
     sizes: list[str] = Field(min_length=1)
-    # Allowed durations: seconds (a string, as in the OpenAI API) -> frame count (4k+1, see REFERENCE).
+    # Allowed durations: seconds (a string, as in the OpenAI API) -> frame count (4k+1; diffusers silently rounds
+    # other counts down).
     seconds: dict[str, int] = Field(min_length=1)
     default_seconds: str
     fps: int = 24
