@@ -31,6 +31,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -96,19 +97,28 @@ def status_of(sock: socket.socket) -> int:
     return int(data.split()[1])
 
 
+def stream_until_answered(sock: socket.socket, head: bytes, chunks: Iterator[bytes], most: int) -> int:
+    """Send `head`, then chunked-encoded `chunks`, never the terminating chunk, until the server answers or
+    `most` bytes went out. Returns the bytes sent."""
+    sock.sendall(head)
+    sent = 0
+    for chunk in chunks:
+        readable, _, _ = select.select([sock], [], [], 0)
+        if readable or sent >= most:
+            break
+        try:
+            sock.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+        except (BrokenPipeError, ConnectionResetError):
+            break
+        sent += len(chunk)
+    return sent
+
+
 def chunked(port: int, head: bytes, first: bytes, total: int) -> tuple[int, int]:
     """Send a chunked body of `total` bytes (first, then filler) until the gateway answers: (status, sent)."""
     with socket.create_connection(("127.0.0.1", port)) as sock:
-        sock.sendall(head + b"Transfer-Encoding: chunked\r\n\r\n")
-        sent, piece = 0, b"a" * MB
-        for chunk in itertools.chain([first], itertools.repeat(piece)):
-            if sent >= total or select.select([sock], [], [], 0)[0]:
-                break
-            try:
-                sock.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
-            except (BrokenPipeError, ConnectionResetError):
-                break
-            sent += len(chunk)
+        chunks = itertools.chain([first], itertools.repeat(b"a" * MB))
+        sent = stream_until_answered(sock, head + b"Transfer-Encoding: chunked\r\n\r\n", chunks, total)
         if sent >= total:
             sock.sendall(b"0\r\n\r\n")
         return status_of(sock), sent

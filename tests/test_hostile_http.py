@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from bench.gateway_input import stream_until_answered
 from tests.conftest import gateway_process
 
 IMAGE_BYTES = 1024 * 1024  # so the body cap is small: 1 MiB * 4/3 + 256 KiB
@@ -59,23 +60,6 @@ def read_response(sock: socket.socket) -> tuple[int, dict]:
             break
         body += chunk
     return int(head.split()[1]), json.loads(body) if body else {}
-
-
-def stream_until_answered(sock: socket.socket, head: bytes, chunks: Iterator[bytes], most: int) -> int:
-    """Send `head`, then chunked-encoded `chunks`, never the terminating chunk, until the server answers or
-    `most` bytes went out. Returns the bytes sent."""
-    sock.sendall(head)
-    sent = 0
-    for chunk in chunks:
-        readable, _, _ = select.select([sock], [], [], 0)
-        if readable or sent >= most:
-            break
-        try:
-            sock.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
-        except (BrokenPipeError, ConnectionResetError):
-            break
-        sent += len(chunk)
-    return sent
 
 
 def endless(piece: bytes) -> Iterator[bytes]:
