@@ -309,17 +309,6 @@ class JobStore:
             return self.announced_spec(model) or find_spec(model)
         return None
 
-    def served_since(self, model: str) -> int:
-        """When a worker first served `model` on this deployment (0: never)."""
-        return int(self.r.get(keys.since(model)) or 0)
-
-    def known_models(self) -> builtins.list[ModelSpec]:
-        """The catalogue, the declared models and every model a worker has announced, announced specs first."""
-        announced = sorted(keys.text(m) for m in self.r.smembers(keys.MODELS))
-        ids = dict.fromkeys([*announced, *self.settings.served_model_ids, *CATALOGUE])
-        specs = [self.announced_spec(m) or find_spec(m) for m in ids]
-        return [s for s in specs if s is not None]
-
     def online_models(self) -> builtins.list[ModelSpec]:
         ids = sorted(keys.text(m) for m in self.r.smembers(keys.MODELS))
         specs = [self.announced_spec(m) for m in ids if self.workers_online(m) > 0]
@@ -340,7 +329,8 @@ class JobStore:
     # -- /v1/models (service/gateway/roster.py reads this at most once per heartbeat) -------------------------------
 
     def model_states(self) -> builtins.list[tuple[ModelSpec, int, int]]:
-        """known_models(), each with its workers online and served_since(), in two round trips."""
+        """Every model the catalogue, the settings or a worker names (announced specs first), each with its workers
+        online and since when it is served (unix seconds, 0 for never), in two round trips."""
         announced = sorted(keys.text(m) for m in self.r.smembers(keys.MODELS))
         ids = list(dict.fromkeys([*announced, *self.settings.served_model_ids, *CATALOGUE]))
         cutoff = time.time() - self._offline_after()
