@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import builtins
 import logging
+import math
 import secrets
 import time
 from typing import Any, Literal
@@ -75,14 +76,25 @@ def asset_key(prefix: str, name: str) -> str:
     return f"{prefix}/{name}"
 
 
+def size_message(size: str, spec: ModelSpec) -> str:
+    """Names the model's sizes, and the one whose aspect ratio is nearest (1280x720 -> 768x512)."""
+    message = f"Invalid size '{size}' for model {spec.id}; supported sizes: {', '.join(spec.sizes)}"
+    width, height = parse_size(size)
+    if not width or not height:
+        return message + "."
+
+    def distance(candidate: str) -> float:
+        w, h = parse_size(candidate)
+        return abs(math.log(w / h) - math.log(width / height))
+
+    return message + f" (the nearest in aspect ratio is {min(spec.sizes, key=distance)})."
+
+
 def plan_job(req: VideoCreate, spec: ModelSpec, has_image: bool) -> JobRecord:
     """Check a request against its model and fill in the model's defaults. Raises InvalidParameter."""
     size = req.size or spec.default_size
     if size not in spec.sizes:
-        raise InvalidParameter(
-            f"Invalid size '{size}' for model {spec.id}; supported sizes: {', '.join(spec.sizes)}.",
-            param="size",
-        )
+        raise InvalidParameter(size_message(size, spec), param="size")
     seconds = req.seconds or spec.default_seconds
     if seconds not in spec.seconds:
         raise InvalidParameter(

@@ -4,13 +4,11 @@ model's limits, a reachable store, a safe webhook URL; and the refusals that say
 from __future__ import annotations
 
 import hashlib
-import math
 import time
 from collections.abc import Callable
 
 from service.contract import keys
 from service.contract.jobs import JobRecord, JobStore
-from service.contract.models import ModelSpec, parse_size
 from service.contract.problems import InvalidParameter, Throttled, Unavailable
 from service.contract.schemas import TERMINAL, VideoCreate
 from service.contract.settings import Settings
@@ -30,20 +28,6 @@ def unserved_message(requested: str, model: str, store: JobStore, settings: Sett
         f"The model '{requested}'{alias} is not served by this deployment. Use one of: {served}{hint}. "
         "GET /v1/models lists every model; an operator can map other names with K5_MODEL_ALIASES."
     )
-
-
-def size_message(size: str, spec: ModelSpec) -> str:
-    """Names the model's sizes, and the one whose aspect ratio is nearest (1280x720 -> 768x512)."""
-    message = f"Invalid size '{size}' for model {spec.id}; supported sizes: {', '.join(spec.sizes)}"
-    width, height = parse_size(size)
-    if not width or not height:
-        return message + "."
-
-    def distance(candidate: str) -> float:
-        w, h = parse_size(candidate)
-        return abs(math.log(w / h) - math.log(width / height))
-
-    return message + f" (the nearest in aspect ratio is {min(spec.sizes, key=distance)})."
 
 
 def check_capacity(store: JobStore, settings: Settings, owner: str, model: str) -> None:

@@ -11,7 +11,7 @@ from service.contract.idempotency import IdempotencyKey, replay
 from service.contract.jobs import INPUT_IMAGE, VARIANTS, JobRecord, JobStore, asset_key, plan_job
 from service.contract.lifecycle import Lifecycle
 from service.contract.models import resolve_alias
-from service.contract.problems import Conflict, Gone, InvalidParameter, NotFound
+from service.contract.problems import Conflict, Gone, NotFound
 from service.contract.schemas import VideoCreate
 from service.contract.settings import Settings
 from service.contract.storage import Storage, StorageError
@@ -20,7 +20,6 @@ from service.gateway.admission import (
     check_storage,
     check_webhook_url,
     fingerprint,
-    size_message,
     too_many_inflight,
     unserved_message,
 )
@@ -60,8 +59,6 @@ def submit(
     spec = store.served_spec(model)
     if spec is None:
         raise NotFound(unserved_message(requested, model, store, settings), param="model", code="model_not_found")
-    if req.size is not None and req.size not in spec.sizes:
-        raise InvalidParameter(size_message(req.size, spec), param="size")
     if req.webhook_url is not None:
         check_webhook_url(req.webhook_url, settings)
     if image is None and req.input_reference is not None:
