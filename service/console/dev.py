@@ -47,7 +47,13 @@ def _tiny_models(state_dir: Path, env: dict[str, str]) -> list[str]:
     dirs = [tiny / "t2v", tiny / "i2v"]
     if not all((d / SPEC_FILE).is_file() for d in dirs):
         print(f"k5serve dev: building the tiny models in {tiny} ...", flush=True)
-        subprocess.run([sys.executable, "-m", "service.cli", "tiny-model", str(tiny)], env=env, check=True)
+        # Dies with `k5serve dev` like the stack's children: a SIGKILLed start leaves no builder running.
+        subprocess.run(
+            [sys.executable, "-m", "service.cli", "tiny-model", str(tiny)],
+            env=env,
+            check=True,
+            preexec_fn=die_with_parent(),
+        )
     return [str(d) for d in dirs]
 
 
