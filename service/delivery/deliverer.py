@@ -35,6 +35,15 @@ local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, to
 for _, id in ipairs(ids) do redis.call('ZADD', KEYS[1], ARGV[2], id) end
 return ids
 """
+# Save an attempt's outcome only over the record it read, and schedule the next only then: a delivery deleted
+# meanwhile (DELETE of its video) is neither written back nor attempted again.
+_SAVE = """
+if redis.call('SET', KEYS[1], ARGV[1], 'KEEPTTL', 'XX') and ARGV[2] ~= '' then
+  redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3])
+else
+  redis.call('ZREM', KEYS[2], ARGV[3])
+end
+"""
 # How long a delivery whose endpoint is busy waits before it is looked at again.
 _BUSY_WAIT_S = 0.5
 
@@ -53,6 +62,7 @@ class Deliverer:
         self.signer = Signer(settings.webhook_secret)
         self.policy = URLPolicy(settings.webhook_allowed_hosts)
         self.claim = r.register_script(_CLAIM)
+        self.save = r.register_script(_SAVE)
         self.pool = ThreadPoolExecutor(max_workers=settings.webhook_concurrency, thread_name_prefix="k5-webhook")
         self.lock = threading.Lock()
         self.running: Counter[str] = Counter()  # attempts in flight per endpoint
@@ -158,10 +168,5 @@ class Deliverer:
         metrics.WEBHOOK_DELIVERIES.labels(outcome=state).inc()
 
     def _save(self, d: Delivery, schedule: bool) -> None:
-        with self.r.pipeline() as pipe:
-            pipe.set(delivery_key(d.id), d.model_dump_json(), keepttl=True, xx=True)
-            if schedule:
-                pipe.zadd(DUE, {d.id: d.next_at or 0.0})
-            else:
-                pipe.zrem(DUE, d.id)
-            pipe.execute()
+        due = repr(d.next_at or 0.0) if schedule else ""
+        self.save(keys=[delivery_key(d.id), DUE], args=[d.model_dump_json(), due, d.id])
