@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 import redis
 
 from service.contract import metrics
+from service.contract.jobs import redis_clock
 from service.contract.settings import Settings
 from service.contract.webhooks import DUE, Delivery, Signer, UnsafeURL, URLPolicy, backoff, delivery_key, now_s
 from service.delivery import webhook_http
@@ -88,7 +89,9 @@ class Deliverer:
             free = self.settings.webhook_concurrency - sum(self.running.values())
         if free <= 0:
             return 0
-        now = now_s()
+        # Due times and claim leases are on Redis's clock, which every deliverer shares: one whose own clock is
+        # behind would otherwise see another's lease as lapsed and send the same delivery twice at once.
+        now = redis_clock(self.r)
         # The deadline bounds an attempt, so the lease only needs a margin for reading and saving the record.
         lease = now + self.settings.webhook_timeout_s + 5
         ids = [i.decode() for i in self.claim(keys=[DUE], args=[now, lease, free])]
@@ -147,11 +150,12 @@ class Deliverer:
 
     def _retry_or_give_up(self, d: Delivery, logx: logging.LoggerAdapter) -> None:
         delay = backoff(d.attempts, self.settings.webhook_retry_base_s, self.settings.webhook_retry_max_s)
-        if now_s() + delay - d.created_at > self.settings.webhook_retry_window_s:
+        now = redis_clock(self.r)
+        if now + delay - d.created_at > self.settings.webhook_retry_window_s:
             self._finish(d, "failed")
             logx.warning("webhook failed for good", extra={"attempts": d.attempts, "status": d.last_status})
             return
-        d.next_at = now_s() + delay
+        d.next_at = now + delay
         self._save(d, schedule=True)
         metrics.WEBHOOK_DELIVERIES.labels(outcome="retry").inc()
         logx.info(
