@@ -311,7 +311,9 @@ class Lifecycle:
                     pipe.watch(vkey, akey, lkey)
                     snap = self._read(pipe, video_id)
                     if token is not None and snap.owner != token:
-                        return Outcome.NOT_OWNER, snap.record
+                        # Nothing left of the job at all (DELETE removes its attempt hash too): gone, not taken.
+                        gone = snap.record is None and not snap.owner
+                        return (Outcome.GONE if gone else Outcome.NOT_OWNER), snap.record
                     if snap.record is None:
                         return Outcome.GONE, None
                     if snap.record.status not in EDGES[edge].sources:
