@@ -35,7 +35,7 @@ import httpx
 import redis
 
 from service.console.localstack import RedisServer, SeaweedS3, free_port, stop_process
-from service.contract.jobs import JobStore
+from service.contract.jobs import JobStore, redis_clock
 from service.contract.models import resolve_model
 from service.contract.settings import Settings
 from service.contract.storage import S3Storage
@@ -205,7 +205,7 @@ class Chaos:
 
     def pool_up(self) -> bool:
         """Every worker process is warm and beating (a replacement announces itself once loaded)."""
-        now = time.time()
+        now = redis_clock(self.store.r)  # beats are on Redis's clock
         beats = [self.store.r.zscore(f"k5:workers:{self.model}", name) for name in self.procs]
         return all(beat is not None and now - beat < 3 for beat in beats)
 

@@ -352,6 +352,48 @@ def test_every_setting_is_documented():
     assert missing == []
 
 
+# Settings the chart leaves to the operator's env lists, each with why: the worker's speed and sampling choices
+# depend on the pool's GPU and model (workerDefaults.env or a pool's env); the rest do not apply in the cluster.
+NOT_CHART_VALUES = {
+    "K5_API_KEYS": "the keys come from a Secret mounted as K5_API_KEYS_FILE",
+    "K5_STORAGE_MIN_FREE_MB": "a local-disk store's bound; the chart stores on S3",
+    "K5_COMPILE_CACHE_DIR": "the compile cache volume is set through TORCHINDUCTOR_CACHE_DIR and TRITON_CACHE_DIR",
+    **dict.fromkeys(
+        "K5_ATTENTION_BACKEND K5_COMPILE_BACKEND K5_COMPILE_DYNAMIC K5_COMPILE_MODE K5_COMPILE_TRANSFORMER K5_DEVICE "
+        "K5_DTYPE K5_ENHANCE_CACHE K5_ENHANCE_MAX_NEW_TOKENS K5_ENHANCE_PROMPT K5_MAX_SEQUENCE_LENGTH "
+        "K5_PROMPT_TEMPLATE K5_SAMPLING_GRID K5_STEP_CACHE K5_STEP_CACHE_INTERVAL K5_STEP_CACHE_MAG_RATIOS "
+        "K5_STEP_CACHE_THRESHOLD K5_TEXT_CACHE_SIZE K5_TEXT_ENCODER_PLACEMENT K5_TIMESTEP_PRECISION "
+        "K5_VAE_TILING".split(),
+        "a worker pool's speed or sampling choice: its env list",
+    ),
+}
+
+
+def test_every_setting_an_operator_sets_is_a_chart_value():
+    """A new K5_* setting fails this until the chart passes it (values.yaml, the schema, a template) or the table
+    above says why not. Optional values are given here, so that each conditional variable renders."""
+    values = {
+        "storage": {"endpointUrl": "https://s3.example.com"},
+        "gateway": {"defaultModel": LITE_ID, "modelAliases": f"sora-2={LITE_ID}", "publicUrl": "https://v.example.com"},
+        "webhooks": {"url": "https://hooks.example.com/k5", "allowedHosts": "10.0.0.0/8"},
+    }
+    passed = {
+        e["name"]
+        for d in render(values)
+        for c in d.get("spec", {}).get("template", {}).get("spec", {}).get("containers", [])
+        for e in c.get("env", [])
+    }
+    settings = {f"K5_{f.upper()}" for f in Settings.model_fields}
+    assert sorted(settings - passed - set(NOT_CHART_VALUES)) == []
+    assert sorted(set(NOT_CHART_VALUES) - settings) == []  # the table names only settings that exist
+    gateway = env_of(
+        of_kind(render({"gateway": {"clients": {"maxConnectionsPerClient": 0}}}), "Deployment")["k5-k5serve-gateway"][
+            "spec"
+        ]["template"]["spec"]["containers"][0]
+    )
+    assert gateway["K5_MAX_CONNECTIONS_PER_CLIENT"]["value"] == "0"
+
+
 def dockerfile(name: str) -> str:
     text = (DOCKER / name).read_text().replace("\\\n", " ")
     return "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))

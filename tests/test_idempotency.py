@@ -63,8 +63,9 @@ def test_a_key_stranded_by_a_gateway_killed_before_it_created_the_job(client):
     """What a gateway killed between claiming a key and creating its job leaves: a key naming a video that never
     came. Sent again, the request makes its video at once; it neither waits for nor refuses the ghost."""
     fresh = post(client, "probe", seed=99).json()  # a real request's fingerprint, for the same body below
-    client.delete(f"/v1/videos/{fresh['id']}")
     held = json.loads(client.store.r.get(keys.idempotency("anonymous", "probe")))
+    client.delete(f"/v1/videos/{fresh['id']}")
+    assert client.store.r.get(keys.idempotency("anonymous", "probe")) is None  # DELETE unbinds the key
     ghost = "video_" + "0" * 32
     # What the previous release wrote when it claimed a key, before it created the job.
     claim = {"fingerprint": held["fingerprint"], "video_id": ghost}

@@ -82,6 +82,19 @@ def test_a_run_that_lost_its_job_is_told_so_not_that_it_was_cancelled(store):
     assert stale.assets != live.assets and store.get(rec.id).assets == live.assets
 
 
+def test_a_run_whose_job_was_deleted_is_told_it_is_gone(store):
+    """DELETE removes the attempt hash with the record: the run in progress learns GONE (it stops as for a
+    cancel), not that another run took the job, and its heartbeat can no longer re-arm a lease."""
+    life = Lifecycle(store)
+    rec = queued(store)
+    run = life.start(rec.id, "w", rec.id)
+    assert run is not None and life.cancel(rec.id) is not None
+    life.remove(store.get(rec.id))
+    assert not store.r.exists(f"k5:attempt:{rec.id}", f"k5:video:{rec.id}")
+    assert run.progress(50) is Outcome.GONE and run.complete(expires_at=2) is Outcome.GONE
+    assert not run.refresh() and not store.r.exists(f"k5:lease:{rec.id}")
+
+
 def test_concurrent_updates_lose_nothing(store):
     rec = queued(store)
     run = Lifecycle(store).start(rec.id, "w", rec.id)

@@ -17,6 +17,7 @@ from standardwebhooks import Webhook
 from standardwebhooks.webhooks import WebhookVerificationError
 
 from service.console.localstack import stop_process
+from service.contract import keys
 from service.contract.webhooks import DUE, deliveries_of
 from tests.conftest import WEBHOOK_SECRET, start_service
 from tests.waiting import wait_until
@@ -30,12 +31,16 @@ class Receiver:
     def __init__(self) -> None:
         self.calls: list[tuple[dict[str, str], bytes, int]] = []
         self.script: list[int] = []
+        self.failing: set[str] = set()  # paths that always answer 500
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:  # noqa: N802
                 body = self.rfile.read(int(self.headers["Content-Length"]))
-                status = receiver.script.pop(0) if receiver.script else 200
+                if self.path in receiver.failing:
+                    status = 500
+                else:
+                    status = receiver.script.pop(0) if receiver.script else 200
                 receiver.calls.append(({k.lower(): v for k, v in self.headers.items()}, body, status))
                 self.send_response(status)
                 self.send_header("Content-Length", "0")
@@ -127,6 +132,36 @@ def test_cancelled_job_sends_video_failed(stack, receiver):
     headers, body, _ = receiver.wait_calls(1)[0]
     event = Webhook(WEBHOOK_SECRET).verify(body, headers)
     assert event["type"] == "video.failed" and event["video"]["error"]["code"] == "cancelled"
+
+
+def test_delete_leaves_no_delivery_attempt_hash_or_idempotency_key(stack, receiver):
+    """DELETE forgets the video in Redis too: the deliveries of its webhook (whose bodies hold the prompt and
+    metadata) are gone and never attempted again, and so are its attempt hash and its Idempotency-Key."""
+    receiver.failing = {"/deleted"}
+    r = stack.store.r
+    body = {"prompt": "a heron", **TINY, "webhook_url": receiver.url("/deleted"), "metadata": {"order": "7"}}
+    with stack.client() as c:
+        video = c.post("/v1/videos", json=body, headers={"Idempotency-Key": "to-delete"}).json()
+    assert stack.wait(video["id"])["status"] == "completed"
+
+    def calls_for_it() -> int:
+        return sum(1 for _, raw, _ in receiver.calls if json.loads(raw)["data"]["id"] == video["id"])
+
+    wait_until(lambda: calls_for_it() >= 2, 30, "retries to the failing receiver")
+    (delivery,) = deliveries_of(r, video["id"])
+    left = [keys.attempt(video["id"]), keys.idempotency(stack.owner, "to-delete"), keys.webhook(delivery.id)]
+    assert r.exists(*left) == 3
+    with stack.client() as c:
+        assert c.delete(f"/v1/videos/{video['id']}").status_code == 200
+    seen = calls_for_it()
+    assert r.exists(*left, keys.video_webhooks(video["id"])) == 0 and r.zscore(DUE, delivery.id) is None
+    # Its retries came at most 1 s apart (K5_WEBHOOK_RETRY_MAX_S): a later event that needs five attempts (over
+    # 1.2 s of backoff) is delivered only after the next retry of the deleted one would have come.
+    receiver.script = [500] * 4
+    later = create(stack, webhook_url=receiver.url("/later"))
+    settled_delivery(stack, later["id"], "delivered")
+    assert calls_for_it() <= seen + 1  # the attempt that may have been on its way at the DELETE, no more
+    assert r.exists(keys.webhook(delivery.id)) == 0 and r.zscore(DUE, delivery.id) is None
 
 
 @pytest.mark.parametrize(

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import httpx
 import pytest
 
@@ -55,3 +58,25 @@ def test_s3_unreachable_is_a_storage_error():
     store = open_storage(Settings(storage_url="s3://nobucket/x", s3_endpoint_url="http://127.0.0.1:9"))
     with pytest.raises(StorageError):
         store.ping()
+
+
+# The gateway's write of an input image into a local store, in a process whose files may not grow past 64 KiB
+# (RLIMIT_FSIZE): the kernel refuses the write with EFBIG part-way, a real failed write with no full disk needed.
+CAPPED_WRITE = """
+import resource, signal, sys
+from pathlib import Path
+from service.contract.storage import LocalStorage, StorageError
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of the signal that would end the process
+resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536))
+try:
+    LocalStorage(Path(sys.argv[1])).put_bytes("video_1/input.png", b"\\0" * 1_000_000, "image/png")
+except StorageError as e:
+    print("refused:", e)
+"""
+
+
+def test_a_failed_local_write_leaves_no_temporary_file(tmp_path):
+    argv = [sys.executable, "-c", CAPPED_WRITE, str(tmp_path)]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert "refused: storing video_1/input.png failed" in out.stdout, out.stdout + out.stderr
+    assert [p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()] == []

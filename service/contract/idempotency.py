@@ -51,6 +51,11 @@ class IdempotencyKey:
         return held["video_id"] if conn.exists(keys.video(held["video_id"])) else None
 
 
+def bound_video_id(raw: bytes | str | None) -> str | None:
+    """The video a stored binding names (None for none)."""
+    return json.loads(raw)["video_id"] if raw else None
+
+
 def replay(conn: Any, idem: IdempotencyKey) -> JobRecord | None:
     """The video an earlier identical request made under the key, if it exists."""
     video_id = idem.bound_video(conn)

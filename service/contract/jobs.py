@@ -40,6 +40,30 @@ def connect_redis(settings: Settings) -> redis.Redis:
     )
 
 
+def redis_clock(conn: Any) -> float:
+    """Now on Redis's clock (unix seconds): the one clock that processes on different machines share. Liveness
+    and leases compare only times read from it, never one process's wall clock with another's."""
+    seconds, micros = conn.time()
+    return seconds + micros / 1e6
+
+
+# A worker's heartbeat and the count of a model's live workers, both on Redis's clock (TIME): each worker's score
+# is when Redis received its last beat, so a worker whose own clock is off is neither hidden nor kept online.
+_ANNOUNCE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+redis.call('SET', KEYS[1], ARGV[1])
+redis.call('SET', KEYS[2], t[1], 'NX')
+redis.call('SADD', KEYS[3], ARGV[2])
+redis.call('ZADD', KEYS[4], now, ARGV[3])
+redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now - tonumber(ARGV[4]))
+"""
+_ONLINE = """
+local t = redis.call('TIME')
+return redis.call('ZCOUNT', KEYS[1], tonumber(t[1]) + tonumber(t[2]) / 1000000 - tonumber(ARGV[1]), '+inf')
+"""
+
+
 def current_rq_id(conn: Any, video_id: str) -> str:
     """The RQ job that may run `video_id` now: the one its attempt hash names once it was requeued or redelivered,
     else the one enqueued with it, under its own id. `conn`: the connection, or a pipeline watching the hash."""
@@ -290,15 +314,9 @@ class JobStore:
         return sorted(announced | queued | set(self.settings.served_model_ids))
 
     def announce(self, spec: ModelSpec, worker: str) -> None:
-        """A worker's heartbeat: its model is online while beats keep coming."""
-        now = time.time()
-        with self.r.pipeline() as pipe:
-            pipe.set(keys.spec(spec.id), spec.model_dump_json())
-            pipe.set(keys.since(spec.id), int(now), nx=True)
-            pipe.sadd(keys.MODELS, spec.id)
-            pipe.zadd(keys.workers(spec.id), {worker: now})
-            pipe.zremrangebyscore(keys.workers(spec.id), "-inf", now - self._offline_after())
-            pipe.execute()
+        """A worker's heartbeat: its model is online while beats keep coming (timed by Redis, _ANNOUNCE)."""
+        model_keys = [keys.spec(spec.id), keys.since(spec.id), keys.MODELS, keys.workers(spec.id)]
+        self.r.eval(_ANNOUNCE, 4, *model_keys, spec.model_dump_json(), spec.id, worker, self._offline_after())
 
     def retire(self, spec: ModelSpec, worker: str) -> None:
         self.r.zrem(keys.workers(spec.id), worker)
@@ -307,7 +325,7 @@ class JobStore:
         return 3 * self.settings.heartbeat_s + 5
 
     def workers_online(self, model: str) -> int:
-        return int(self.r.zcount(keys.workers(model), time.time() - self._offline_after(), "+inf"))
+        return int(self.r.eval(_ONLINE, 1, keys.workers(model), self._offline_after()))
 
     def announced_spec(self, model: str) -> ModelSpec | None:
         raw = self.r.get(keys.spec(model))
@@ -345,11 +363,10 @@ class JobStore:
         online and since when it is served (unix seconds, 0 for never), in two round trips."""
         announced = sorted(keys.text(m) for m in self.r.smembers(keys.MODELS))
         ids = list(dict.fromkeys([*announced, *self.settings.served_model_ids, *CATALOGUE]))
-        cutoff = time.time() - self._offline_after()
         with self.r.pipeline(transaction=False) as pipe:
             for m in ids:
                 pipe.get(keys.spec(m))
-                pipe.zcount(keys.workers(m), cutoff, "+inf")
+                pipe.eval(_ONLINE, 1, keys.workers(m), self._offline_after())
                 pipe.get(keys.since(m))
             replies = pipe.execute()
         states = []

@@ -4,14 +4,16 @@ database; the queue of a model is named by the model id.
 Jobs (written only by service/contract/lifecycle.py):
   k5:video:<id>          the job record (JSON, service/contract/record.py), the source of truth for the video object
   k5:videos:<owner>      the owner's video ids, all with score 0 so that ZRANGEBYLEX lists them in id order;
-                         ids are time-ordered, so that is creation order
+                         ids are time-ordered, so that is creation order. Its TTL (a record's) is re-armed at each
+                         creation and each end, and each creation prunes the oldest ids whose records are gone
   k5:inflight:<owner>    the owner's videos that are queued or running: added at creation, removed when final
   k5:attempt:<id>        hash: n (deliveries a worker took: runs started, and deliveries lost before their run
                          started), owner (token of the current run), rq (the video's current RQ job id)
   k5:lease:<id>          the owner token of the run in progress, with a short TTL that its worker's heartbeat
                          refreshes; an expired lease means the worker is gone
   k5:running             set of video ids with a run in progress: all the reaper has to look at
-  k5:expiry              sorted set video id -> expires_at of its stored assets
+  k5:expiry              sorted set video id -> when the janitor deletes its stored files: expires_at of a
+                         completed video, the end of a failed one, job_timeout_s after a DELETE
   k5:idem:<owner>:<hash> an Idempotency-Key (sha256) -> {fingerprint, video_id}
 Housekeeping:
   k5:lock:janitor        one janitor pass at a time across all the processes that run it
@@ -19,14 +21,14 @@ Housekeeping:
 Models and workers:
   k5:models              set of every model id a worker ever announced
   k5:spec:<model>        the last ModelSpec a worker announced for <model>
-  k5:since:<model>       when a worker first served <model> (unix seconds)
-  k5:workers:<model>     sorted set worker name -> last heartbeat (unix seconds)
+  k5:since:<model>       when a worker first served <model> (unix seconds, Redis's clock)
+  k5:workers:<model>     sorted set worker name -> last heartbeat (unix seconds, Redis's clock: jobs._ANNOUNCE)
   k5:timing:<model>      hash: measured seconds per step and overhead, per megavoxel (EWMA), for ETAs
 Access:
   k5:rate:<owner>:<min>  requests of an API key in one minute window
 Webhooks (service/contract/webhooks.py):
   k5:webhook:<delivery>  the delivery record (JSON)
-  k5:webhooks:due        sorted set delivery id -> next attempt time (unix seconds)
+  k5:webhooks:due        sorted set delivery id -> next attempt time (unix seconds, Redis's clock)
   k5:webhooks:video:<id> the video's delivery ids (for operators)
 """
 

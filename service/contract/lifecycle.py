@@ -33,7 +33,7 @@ from typing import Any
 import redis
 
 from service.contract import keys, webhooks
-from service.contract.idempotency import IDEMPOTENCY_TTL_S, IdempotencyKey, replay
+from service.contract.idempotency import IDEMPOTENCY_TTL_S, IdempotencyKey, bound_video_id, replay
 from service.contract.jobs import JobStore, current_rq_id, new_rq_id
 from service.contract.record import JobRecord
 from service.contract.run import Run
@@ -54,6 +54,19 @@ if redis.call('hget', KEYS[2], 'owner') == ARGV[1] then
 end
 return 0
 """
+
+# Queued with each creation, so the owner's index stays bounded without a reader: drops the ids, among the
+# owner's oldest (created before ARGV[1]: longer ago than a finished record lives), whose records are gone, a batch
+# at a time, and re-arms the index's own TTL. Ids sort by creation time (jobs.new_video_id), so the cut is a lex range.
+_PRUNE = """
+local ids = redis.call('ZRANGEBYLEX', KEYS[1], '-', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
+for _, id in ipairs(ids) do
+  if redis.call('EXISTS', ARGV[3] .. id) == 0 then redis.call('ZREM', KEYS[1], id) end
+end
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+"""
+# Ids the prune looks at per creation: more than one, so it catches up with what creations left behind.
+PRUNE_BATCH = 20
 
 _RELEASE = """
 if redis.call('hget', KEYS[1], 'owner') == ARGV[1] then
@@ -106,11 +119,13 @@ class Lifecycle:
                     if max_inflight is not None and pipe.scard(inflight) >= max_inflight:
                         return None
                     pipe.multi()
+                    if idem is not None:
+                        rec.idempotency_key = idem.redis_key
+                        pipe.set(idem.redis_key, idem.binding(rec.id), ex=IDEMPOTENCY_TTL_S)
                     pipe.set(keys.video(rec.id), rec.model_dump_json())
                     pipe.zadd(keys.videos(rec.owner), {rec.id: 0})
+                    self._prune_index(pipe, rec.owner)
                     pipe.sadd(inflight, rec.id)
-                    if idem is not None:
-                        pipe.set(idem.redis_key, idem.binding(rec.id), ex=IDEMPOTENCY_TTL_S)
                     self.store.enqueue(pipe, rec.model, rec.id, rec.id, description=f"video {rec.id}")
                     pipe.execute()
                     break
@@ -139,12 +154,40 @@ class Lifecycle:
         return rec
 
     def remove(self, rec: JobRecord) -> None:
-        """Forget a video (DELETE, after cancel): its record and its place in the owner's index."""
+        """Forget a video (DELETE, after cancel and after its files were deleted), all in one transaction: its
+        record, its place in the owner's index, its attempt hash, its webhook deliveries (the prompt and metadata
+        are in their bodies; none is attempted again), and its Idempotency-Key while that still names it.
+
+        A run of it may still be storing files (it stops at its next step, or when its upload ends, and deletes
+        its own): the janitor sweeps the video's files once more after any run can have ended (job_timeout_s), in
+        case that run's worker died in between."""
+        vid, idem = rec.id, rec.idempotency_key
+        hooks = keys.video_webhooks(vid)
         with self.r.pipeline() as pipe:
-            pipe.delete(keys.video(rec.id))
-            pipe.zrem(keys.videos(rec.owner), rec.id)
-            publish_change(pipe, rec)
-            pipe.execute()
+            while True:
+                try:
+                    pipe.watch(hooks, *([idem] if idem else []))
+                    deliveries = [keys.text(d) for d in pipe.smembers(hooks)]
+                    bound = idem is not None and bound_video_id(pipe.get(idem)) == vid
+                    pipe.multi()
+                    pipe.delete(keys.video(vid), keys.attempt(vid), hooks)
+                    pipe.zrem(keys.videos(rec.owner), vid)
+                    if deliveries:
+                        pipe.delete(*(keys.webhook(d) for d in deliveries))
+                        pipe.zrem(keys.WEBHOOKS_DUE, *deliveries)
+                    if bound and idem:
+                        pipe.delete(idem)
+                    pipe.zadd(keys.EXPIRY, {vid: time.time() + self.settings.job_timeout_s})
+                    publish_change(pipe, rec)
+                    pipe.execute()
+                    return
+                except redis.WatchError:
+                    continue  # a delivery was queued or the key rebound meanwhile: look again
+
+    def _prune_index(self, pipe: Any, owner: str) -> None:
+        ttl = self.store.record_ttl_s
+        cutoff = f"(video_{int((time.time() - ttl) * 1e9):016x}"
+        pipe.eval(_PRUNE, 1, keys.videos(owner), cutoff, PRUNE_BATCH, keys.video(""), ttl)
 
     # -- a worker's run ------------------------------------------------------------------------------------
 
@@ -268,7 +311,9 @@ class Lifecycle:
                     pipe.watch(vkey, akey, lkey)
                     snap = self._read(pipe, video_id)
                     if token is not None and snap.owner != token:
-                        return Outcome.NOT_OWNER, snap.record
+                        # Nothing left of the job at all (DELETE removes its attempt hash too): gone, not taken.
+                        gone = snap.record is None and not snap.owner
+                        return (Outcome.GONE if gone else Outcome.NOT_OWNER), snap.record
                     if snap.record is None:
                         return Outcome.GONE, None
                     if snap.record.status not in EDGES[edge].sources:
@@ -337,10 +382,14 @@ class Lifecycle:
         ttl = self.store.record_ttl_s
         pipe.expire(keys.video(rec.id), ttl)
         pipe.expire(keys.attempt(rec.id), ttl)
+        pipe.expire(keys.videos(rec.owner), ttl)  # the owner's index outlives each of its records
         pipe.srem(keys.inflight(rec.owner), rec.id)
+        # Registered with the end itself, so no stored file can escape the sweep: a completed video's at its
+        # expires_at; a failed one's (an image-to-video input, what a lost run left) at once, as nothing reads them.
         if rec.status == "completed" and rec.expires_at is not None:
-            # Registered with the completion itself: no stored video can escape the sweep.
             pipe.zadd(keys.EXPIRY, {rec.id: rec.expires_at})
+        elif rec.status == "failed":
+            pipe.zadd(keys.EXPIRY, {rec.id: int(time.time())})
         urls = [u for u in (rec.webhook_url, self.settings.webhook_url) if u]
         if urls and self.settings.webhook_secret:
             event_ttl = int(self.settings.webhook_retry_window_s) + 7 * 86400

@@ -79,6 +79,9 @@ class JobRecord(BaseModel):
     # Storage prefix of the run that completed the video: each run writes under its own prefix, so a run that
     # lost its job can neither overwrite nor delete what the run that completed it stored. None: `<id>/` (v1).
     assets: str | None = None
+    # The Redis key of the Idempotency-Key bound to this video (service/contract/idempotency.py), so that DELETE
+    # can unbind it.
+    idempotency_key: str | None = None
 
     def public(self, **live: Any) -> Video:
         """The public video object; `live` adds the fields computed on read (queue position, ETA)."""

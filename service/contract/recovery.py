@@ -11,7 +11,7 @@ import time
 from typing import Any
 
 from service.contract import keys
-from service.contract.jobs import JobStore, current_rq_id, video_id_of
+from service.contract.jobs import JobStore, current_rq_id, redis_clock, video_id_of
 from service.contract.lifecycle import Lifecycle
 from service.contract.storage import Storage
 
@@ -67,8 +67,11 @@ class Recovery:
         it, and with scale-to-zero no worker would even start for it. A live worker starts its job within
         milliseconds of taking it, so one still unstarted after a lease period was lost; a frozen worker that
         comes back later is refused by `start`, which only runs the video's current RQ job.
+
+        `now` is on Redis's clock (jobs.redis_clock): the janitor passes of different processes compare it only
+        with what they noted on that clock before.
         """
-        now = time.time() if now is None else now
+        now = redis_clock(self.r) if now is None else now
         grace = self.life.lease_ms / 1000
         moved = 0
         for model in self.store.queue_models():
@@ -89,13 +92,11 @@ class Recovery:
         if rec is None or rec.status != "queued" or current_rq_id(self.r, video_id) != rq_id:
             return False  # started, final, gone, or an older RQ job of a requeued video
         if not failed:
-            job = queue.fetch_job(rq_id)
-            if job is not None and job.started_at is not None:
-                since = job.started_at.timestamp()
-            else:  # taken but not started: RQ keeps no time for that, so note when it was first seen
-                limbo = keys.limbo(rq_id)
-                self.r.set(limbo, now, nx=True, ex=86400)
-                since = float(self.r.get(limbo) or now)
+            # When the janitor first saw it so, on Redis's clock: RQ's started_at is the taking worker's own
+            # clock, which may be off, and RQ keeps no time at all for a job taken but not started.
+            limbo = keys.limbo(rq_id)
+            self.r.set(limbo, now, nx=True, ex=86400)
+            since = float(self.r.get(limbo) or now)
             if now - since < grace:
                 return False
         if self.life.redeliver(video_id, rq_id) == "skipped":

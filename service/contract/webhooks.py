@@ -6,7 +6,8 @@ process (`k5serve webhooks`) claims due deliveries with a lease, so a crashed de
 receivers deduplicate on webhook-id, which stays the same across attempts.
 
 Redis keys (named in service/contract/keys.py): the delivery record (JSON), the due set (delivery id -> next
-attempt time, unix seconds) and each video's delivery ids (for operators and DELETE).
+attempt time, unix seconds on Redis's clock, which every deliverer shares) and each video's delivery ids
+(for operators, and for DELETE, which deletes them).
 """
 
 from __future__ import annotations
@@ -165,6 +166,13 @@ def delivery_key(delivery_id: str) -> str:
     return keys.webhook(delivery_id)
 
 
+# Due at once on Redis's clock, which the deliverers compare due times with (the writer's own clock may be off).
+_DUE_NOW = """
+local t = redis.call('TIME')
+redis.call('ZADD', KEYS[1], tonumber(t[1]) + tonumber(t[2]) / 1000000, ARGV[1])
+"""
+
+
 def queue_event(pipe: Any, video: dict, urls: list[str], now: float, record_ttl_s: int) -> None:
     """Add one event for a video that just became terminal, one delivery per endpoint, to a MULTI pipeline."""
     event_id = f"evt_{secrets.token_hex(12)}"
@@ -194,7 +202,7 @@ def queue_event(pipe: Any, video: dict, urls: list[str], now: float, record_ttl_
         pipe.set(delivery_key(d.id), d.model_dump_json(), ex=record_ttl_s)
         pipe.sadd(keys.video_webhooks(video["id"]), d.id)
         pipe.expire(keys.video_webhooks(video["id"]), record_ttl_s)
-        pipe.zadd(DUE, {d.id: now})
+        pipe.eval(_DUE_NOW, 1, DUE, d.id)
 
 
 def backoff(attempts: int, base_s: float, max_s: float) -> float:

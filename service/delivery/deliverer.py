@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 import redis
 
 from service.contract import metrics
+from service.contract.jobs import redis_clock
 from service.contract.settings import Settings
 from service.contract.webhooks import DUE, Delivery, Signer, UnsafeURL, URLPolicy, backoff, delivery_key, now_s
 from service.delivery import webhook_http
@@ -34,6 +35,15 @@ _CLAIM = """
 local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))
 for _, id in ipairs(ids) do redis.call('ZADD', KEYS[1], ARGV[2], id) end
 return ids
+"""
+# Save an attempt's outcome only over the record it read, and schedule the next only then: a delivery deleted
+# meanwhile (DELETE of its video) is neither written back nor attempted again.
+_SAVE = """
+if redis.call('SET', KEYS[1], ARGV[1], 'KEEPTTL', 'XX') and ARGV[2] ~= '' then
+  redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3])
+else
+  redis.call('ZREM', KEYS[2], ARGV[3])
+end
 """
 # How long a delivery whose endpoint is busy waits before it is looked at again.
 _BUSY_WAIT_S = 0.5
@@ -53,6 +63,7 @@ class Deliverer:
         self.signer = Signer(settings.webhook_secret)
         self.policy = URLPolicy(settings.webhook_allowed_hosts)
         self.claim = r.register_script(_CLAIM)
+        self.save = r.register_script(_SAVE)
         self.pool = ThreadPoolExecutor(max_workers=settings.webhook_concurrency, thread_name_prefix="k5-webhook")
         self.lock = threading.Lock()
         self.running: Counter[str] = Counter()  # attempts in flight per endpoint
@@ -78,7 +89,9 @@ class Deliverer:
             free = self.settings.webhook_concurrency - sum(self.running.values())
         if free <= 0:
             return 0
-        now = now_s()
+        # Due times and claim leases are on Redis's clock, which every deliverer shares: one whose own clock is
+        # behind would otherwise see another's lease as lapsed and send the same delivery twice at once.
+        now = redis_clock(self.r)
         # The deadline bounds an attempt, so the lease only needs a margin for reading and saving the record.
         lease = now + self.settings.webhook_timeout_s + 5
         ids = [i.decode() for i in self.claim(keys=[DUE], args=[now, lease, free])]
@@ -137,11 +150,12 @@ class Deliverer:
 
     def _retry_or_give_up(self, d: Delivery, logx: logging.LoggerAdapter) -> None:
         delay = backoff(d.attempts, self.settings.webhook_retry_base_s, self.settings.webhook_retry_max_s)
-        if now_s() + delay - d.created_at > self.settings.webhook_retry_window_s:
+        now = redis_clock(self.r)
+        if now + delay - d.created_at > self.settings.webhook_retry_window_s:
             self._finish(d, "failed")
             logx.warning("webhook failed for good", extra={"attempts": d.attempts, "status": d.last_status})
             return
-        d.next_at = now_s() + delay
+        d.next_at = now + delay
         self._save(d, schedule=True)
         metrics.WEBHOOK_DELIVERIES.labels(outcome="retry").inc()
         logx.info(
@@ -158,10 +172,5 @@ class Deliverer:
         metrics.WEBHOOK_DELIVERIES.labels(outcome=state).inc()
 
     def _save(self, d: Delivery, schedule: bool) -> None:
-        with self.r.pipeline() as pipe:
-            pipe.set(delivery_key(d.id), d.model_dump_json(), keepttl=True, xx=True)
-            if schedule:
-                pipe.zadd(DUE, {d.id: d.next_at or 0.0})
-            else:
-                pipe.zrem(DUE, d.id)
-            pipe.execute()
+        due = repr(d.next_at or 0.0) if schedule else ""
+        self.save(keys=[delivery_key(d.id), DUE], args=[d.model_dump_json(), due, d.id])

@@ -98,6 +98,8 @@ imagePullSecrets:
   value: {{ .Values.storage.assetTtlSeconds | quote }}
 - name: K5_PRESIGN_TTL_S
   value: {{ .Values.storage.presignTtlSeconds | quote }}
+- name: K5_STORAGE_RETRY_WINDOW_S
+  value: {{ .Values.storage.retryWindowSeconds | quote }}
 - name: K5_JOB_TIMEOUT_S
   value: {{ .Values.jobTimeoutSeconds | quote }}
 - name: K5_HEARTBEAT_S
