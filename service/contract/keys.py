@@ -13,6 +13,10 @@ Jobs (written only by service/contract/lifecycle.py):
   k5:running             set of video ids with a run in progress: all the reaper has to look at
   k5:expiry              sorted set video id -> expires_at of its stored assets
   k5:idem:<owner>:<hash> an Idempotency-Key (sha256) -> {fingerprint, video_id}
+  k5:deadlines           sorted set video id -> deadline (unix seconds) of the queued jobs that have one: added
+                         when a job enters the queue, removed when it leaves it (started, final, deleted)
+Usage (service/contract/usage.py, written with each job's terminal transition):
+  k5:usage:<owner>:<day> hash of an owner's totals for one UTC day (YYYYMMDD): videos, seconds, steps, megavoxels
 Housekeeping:
   k5:lock:janitor        one janitor pass at a time across all the processes that run it
   k5:limbo:<rq id>       when the janitor first saw an RQ job taken off its queue but not started
@@ -43,6 +47,7 @@ def text(raw: Any) -> str:
 
 RUNNING = "k5:running"
 EXPIRY = "k5:expiry"
+DEADLINES = "k5:deadlines"
 JANITOR_LOCK = "k5:lock:janitor"
 MODELS = "k5:models"
 WEBHOOKS_DUE = "k5:webhooks:due"
@@ -74,6 +79,10 @@ def lease(video_id: str) -> str:
 def idempotency(owner: str, key: str) -> str:
     # Hashed: a client's key is arbitrary text and may be long.
     return f"k5:idem:{owner}:{hashlib.sha256(key.encode()).hexdigest()}"
+
+
+def usage(owner: str, day: str) -> str:
+    return f"k5:usage:{owner}:{day}"
 
 
 def limbo(rq_id: str) -> str:
