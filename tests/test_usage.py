@@ -18,6 +18,7 @@ from service.contract.schemas import VideoCreate, VideoUsage
 from service.contract.settings import Settings
 from tests.conftest import IDLE_API_KEY, USAGE_API_KEY
 from tests.test_metrics import sample
+from tests.waiting import wait_until
 
 FIGURES = ("text_encode_seconds", "denoise_seconds", "decode_seconds", "encode_seconds", "upload_seconds")
 COUNTS = ("steps", "steps_resumed", "megavoxels", "gpu_seconds")
@@ -37,9 +38,18 @@ def test_usage_totals_and_metrics_of_a_key(stack):
     start = int(time.time()) - 60
     body = {"prompt": "a usage fox", "model": "k5-tiny-t2v", "size": "64x64", "seconds": "1"}
     with stack.client(USAGE_API_KEY) as c:
-        made = [c.post("/v1/videos", json={**body, "seed": s}).json() for s in (1, 2, 3)]
-        c.post(f"/v1/videos/{made[2]['id']}/cancel")  # queued or running by now: failed either way
-        done = [stack.wait(v["id"], api_key=USAGE_API_KEY) for v in made]
+        first = c.post("/v1/videos", json={**body, "seed": 1}).json()
+        # Long enough to be cancelled midway: it fails, with what it used until then.
+        second = c.post("/v1/videos", json={**body, "num_inference_steps": 30, "seconds": "2"}).json()
+
+        def running() -> bool:
+            v = c.get(f"/v1/videos/{second['id']}").json()
+            assert v["status"] != "completed", v
+            return v["status"] == "in_progress" and (v["usage"] or {}).get("steps", 0) >= 1
+
+        wait_until(running, 60, "the second video's first denoising steps")
+        assert c.post(f"/v1/videos/{second['id']}/cancel").status_code == 200
+        done = [stack.wait(v["id"], api_key=USAGE_API_KEY) for v in (first, second)]
         totals = c.get("/v1/usage", params={"start": start}).json()
         bad = [
             (c.get("/v1/usage", params={"start": start, "end": start}), "end"),
@@ -49,17 +59,18 @@ def test_usage_totals_and_metrics_of_a_key(stack):
             (c.get("/v1/usage"), "start"),
         ]
         gateway = c.get("/metrics").text
-    completed, cancelled = done[:2], done[2]
-    assert [v["status"] for v in done] == ["completed", "completed", "failed"], done
-    for v in completed:
-        used = v["usage"]
-        assert all(used[f] > 0 for f in FIGURES), used
-        assert used["steps"] == v["num_inference_steps"] and used["steps_resumed"] == 0
-        assert used["megavoxels"] == pytest.approx(64 * 64 * 25 / 1e6)
-        assert used["gpu_seconds"] == pytest.approx(sum(used[f] for f in FIGURES[:3]))
-    assert cancelled["error"]["code"] == "cancelled" and cancelled["usage"] is not None
-    # The key's totals are exactly its videos' usage: three finished today, one of them failed.
-    assert (totals["videos_completed"], totals["videos_failed"]) == (2, 1), totals
+    completed, cancelled = done
+    assert [v["status"] for v in done] == ["completed", "failed"], done
+    used = completed["usage"]
+    assert all(used[f] > 0 for f in FIGURES), used
+    assert used["steps"] == completed["num_inference_steps"] and used["steps_resumed"] == 0
+    assert used["megavoxels"] == pytest.approx(64 * 64 * 25 / 1e6)
+    assert used["gpu_seconds"] == pytest.approx(sum(used[f] for f in FIGURES[:3]))
+    partial = cancelled["usage"]
+    assert cancelled["error"]["code"] == "cancelled" and 1 <= partial["steps"] < 30, cancelled
+    assert partial["denoise_seconds"] > 0 and partial["upload_seconds"] == 0
+    # The key's totals are exactly its videos' usage: two finished today, one of them failed.
+    assert (totals["videos_completed"], totals["videos_failed"]) == (1, 1), totals
     for f in FIGURES + COUNTS:
         assert totals[f] == pytest.approx(sum(v["usage"][f] for v in done)), f
     assert totals["start"] <= start < time.time() <= totals["end"]
@@ -72,13 +83,13 @@ def test_usage_totals_and_metrics_of_a_key(stack):
     assert idle["owner"] != totals["owner"] and idle["videos_completed"] == idle["videos_failed"] == 0
     assert all(idle[f] == 0 for f in FIGURES + COUNTS)
 
-    # Metrics: the worker counted the completions, the gateway the cancel, under the configured label.
+    # Metrics: the worker counted the completion, the gateway the cancel, under the configured label.
     worker = next(p for p in stack.procs if p.name == "worker-t2v")
     text = httpx.get(f"http://127.0.0.1:{worker.metrics_port}/metrics").text
-    steps = sample(text, "k5_usage_steps_total", model="k5-tiny-t2v", key="carol")
-    assert steps == sum(v["usage"]["steps"] for v in completed)
-    assert sample(text, "k5_usage_videos_total", model="k5-tiny-t2v", key="carol", status="completed") == 2
-    assert sample(gateway, "k5_usage_videos_total", model="k5-tiny-t2v", key="carol", status="failed") >= 1
+    assert sample(text, "k5_usage_steps_total", model="k5-tiny-t2v", key="carol") == used["steps"]
+    assert sample(text, "k5_usage_videos_total", model="k5-tiny-t2v", key="carol", status="completed") == 1
+    assert sample(gateway, "k5_usage_steps_total", model="k5-tiny-t2v", key="carol") == partial["steps"]
+    assert sample(gateway, "k5_usage_videos_total", model="k5-tiny-t2v", key="carol", status="failed") == 1
     # Every other key (alice's, bob's, dave's) is "other": the label set is what configuration names.
     labels = samples(text, "k5_usage_") + samples(gateway, "k5_usage_")
     assert labels and {s["key"] for s in labels} <= {"carol", "other"}

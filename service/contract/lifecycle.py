@@ -195,7 +195,10 @@ class Lifecycle:
             return Move("start", advanced(snap, "in_progress", worker=worker, **changes), token=token)
 
         outcome, rec = self._transact(video_id, plan, edge="start")
-        if outcome is not Outcome.DONE or rec is None or rec.status != "in_progress":
+        if outcome is not Outcome.DONE or rec is None:
+            return None
+        if rec.status != "in_progress":
+            log.info("deadline exceeded before the job started", extra={"video_id": video_id})
             return None
         return Run(self, rec, token, rq_id)
 
