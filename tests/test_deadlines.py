@@ -42,8 +42,11 @@ def test_a_job_past_its_deadline_fails_at_start_without_running(r):
     assert store.inflight(rec.owner) == 0
     # A job still in time starts, and leaves the deadline set as it leaves the queue.
     timely = queued(store, redis_now(r) + 600)
-    assert life.start(timely.id, "w", timely.id) is not None
-    assert r.zscore(keys.DEADLINES, timely.id) is None
+    run = life.start(timely.id, "w", timely.id)
+    assert run is not None and r.zscore(keys.DEADLINES, timely.id) is None
+    assert run.progress(50) == "done" and r.zscore(keys.DEADLINES, timely.id) is None
+    # Requeued (its worker shut down), it waits again, and its deadline holds again.
+    assert run.requeue() == "done" and r.zscore(keys.DEADLINES, timely.id) == timely.deadline_at
 
 
 def test_the_janitor_fails_only_the_queued_jobs_that_are_due(r):

@@ -369,7 +369,7 @@ class Lifecycle:
         if snap.record is not None and snap.record.status == "in_progress" and rec.status != "in_progress":
             pipe.delete(lkey)
             pipe.srem(keys.RUNNING, video_id)
-        if rec.deadline_at is not None:  # k5:deadlines holds exactly the queued jobs with a deadline
+        if rec.deadline_at is not None and moved:  # k5:deadlines holds exactly the queued jobs with a deadline
             if rec.status == "queued":
                 pipe.zadd(keys.DEADLINES, {video_id: rec.deadline_at})
             else:
