@@ -121,3 +121,17 @@ def test_totals_count_each_video_on_its_day(r):
     assert (both.videos_completed, both.videos_failed, both.steps) == (2, 1, 8)
     assert (both.start, both.end) == (day, day + 2 * 86400)
     assert 0 < r.ttl(keys.usage(rec.owner, usage.day_of(day))) <= 400 * 86400
+
+
+def test_a_rerun_adds_to_what_the_lost_run_used():
+    from worker.meter import Meter
+
+    rec = plan_job(VideoCreate(prompt="x", size="64x64"), TINY["k5-tiny-t2v"], has_image=False)
+    lost = VideoUsage(denoise_seconds=1.5, steps=3, megavoxels=rec.megavoxels)  # its worker died at step 3
+    meter = Meter(rec.model_copy(update={"usage": lost}))
+    meter.enter("denoise")
+    meter.steps = 4
+    meter.enter(None)
+    used = meter.usage()
+    assert used.steps == 7 and used.denoise_seconds == pytest.approx(1.5 + meter.seconds["denoise"], abs=1e-6)
+    assert used.megavoxels == rec.megavoxels == 64 * 64 * 25 / 1e6  # the video's size, not a sum
