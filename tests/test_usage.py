@@ -55,6 +55,8 @@ def test_usage_totals_and_metrics_of_a_key(stack):
             (c.get("/v1/usage", params={"start": start, "end": start}), "end"),
             (c.get("/v1/usage", params={"start": start, "end": start + 401 * 86400}), "start"),
             (c.get("/v1/usage", params={"start": -1}), "start"),
+            # The last day of year 9999: its end is no date at all (a 500 before the bound).
+            (c.get("/v1/usage", params={"start": 253402300000, "end": 253402300799}), "start"),
             (c.get("/v1/usage", params={"start": "yesterday"}), "start"),
             (c.get("/v1/usage"), "start"),
         ]

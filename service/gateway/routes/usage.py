@@ -15,8 +15,8 @@ from service.gateway.errors import responses
 
 router = APIRouter(prefix="/v1", tags=["usage"])
 
-# 9999-12-31T23:59:59Z: the last second a calendar date can name.
-LAST_SECOND = 253_402_300_799
+# 2099-12-31T23:59:59Z: far enough for any range, and the day after it is still a date Python can name.
+LAST_SECOND = 4_102_444_799
 
 
 @router.get("/usage", response_model=UsageReport, responses=responses(400, 401, 429, 503))
