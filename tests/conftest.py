@@ -30,6 +30,9 @@ ROOT = Path(__file__).resolve().parents[1]
 BUCKET = "k5test"
 # Two API keys: the stack serves with authentication on, as production does; bob checks isolation.
 API_KEY, OTHER_API_KEY = "sk-test-alice-0123456789", "sk-test-bob-0123456789"
+# Keys of the usage tests alone, so their totals hold only their own videos: carol has a metrics label of her
+# own (K5_USAGE_LABELS), dave makes no video at all.
+USAGE_API_KEY, IDLE_API_KEY = "sk-test-carol-0123456789", "sk-test-dave-0123456789"
 WEBHOOK_SECRET = "whsec_" + base64.b64encode(b"k5serve-test-webhook-secret-0001").decode()
 
 
@@ -118,6 +121,11 @@ def stored(storage: S3Storage, video_id: str) -> list[str]:
     return sorted(o["Key"][len(full) :] for page in pages for o in page.get("Contents", []))
 
 
+def owner_of_key(key: str) -> str:
+    """The owner id the gateway gives a key's videos."""
+    return owner_of(hashlib.sha256(key.encode()).hexdigest())
+
+
 @dataclass
 class Proc:
     name: str
@@ -149,7 +157,7 @@ class Stack:
     @property
     def owner(self) -> str:
         """The owner id of api_key, as the gateway tags its videos."""
-        return owner_of(hashlib.sha256(self.api_key.encode()).hexdigest())
+        return owner_of_key(self.api_key)
 
     def client(self, api_key: str | None = API_KEY) -> httpx.Client:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -158,10 +166,10 @@ class Stack:
     def logs(self) -> str:
         return "\n".join(p.tail() for p in self.procs)
 
-    def wait(self, video_id: str, timeout: float = 120) -> dict:
-        """Poll until the video is terminal; returns the last video object."""
+    def wait(self, video_id: str, timeout: float = 120, api_key: str = API_KEY) -> dict:
+        """Poll until the video (of `api_key`) is terminal; returns the last video object."""
         deadline = time.monotonic() + timeout
-        with self.client() as c:
+        with self.client(api_key) as c:
             while time.monotonic() < deadline:
                 body = c.get(f"/v1/videos/{video_id}").json()
                 if body["status"] in ("completed", "failed"):
@@ -213,7 +221,8 @@ def stack(redis_server, s3_server, tiny_models, tmp_path_factory) -> Iterator[St
         "K5_STORAGE_URL": f"s3://{BUCKET}/videos",
         "K5_S3_ENDPOINT_URL": s3_server.endpoint,
         "K5_HEARTBEAT_S": "1",
-        "K5_API_KEYS": f"{API_KEY},{OTHER_API_KEY}",
+        "K5_API_KEYS": f"{API_KEY},{OTHER_API_KEY},{USAGE_API_KEY},{IDLE_API_KEY}",
+        "K5_USAGE_LABELS": f"{owner_of_key(USAGE_API_KEY)}=carol",
         # Polling tests and the fuzzer send many requests; the limits themselves are tested in test_security.
         "K5_RATE_LIMIT_PER_MIN": "1000000",
         "K5_MAX_INFLIGHT_PER_KEY": "10000",
@@ -266,7 +275,11 @@ SLOW_MODULES = {
     "test_storage_faults",
     "test_webhook_delivery",
 }
-SLOW_TESTS = {"test_vae_estimate_matches_the_real_vae_architecture_on_cpu", "test_api_conforms_to_openapi"}
+SLOW_TESTS = {
+    "test_vae_estimate_matches_the_real_vae_architecture_on_cpu",
+    "test_api_conforms_to_openapi",
+    "test_deadlines_through_a_gateway_with_no_worker",
+}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -480,7 +480,8 @@ HISTOGRAMS = {"k5_http_request_duration_seconds", "k5_worker_phase_duration_seco
 METRICS = HISTOGRAMS | set(
     """k5_http_requests_total k5_queue_depth k5_queue_oldest_age_seconds k5_jobs k5_workers_online
     k5_worker_peak_gpu_memory_bytes k5_worker_jobs_total k5_worker_failures_total k5_worker_model_ready
-    k5_webhook_deliveries_total k5_webhook_pending""".split()
+    k5_webhook_deliveries_total k5_webhook_pending k5_usage_videos_total k5_usage_seconds_total k5_usage_steps_total
+    k5_usage_steps_resumed_total k5_usage_megavoxels_total""".split()
 )
 PROMQL_WORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "and", "or", "unless", "bool", "le"}
 
@@ -511,6 +512,20 @@ def test_dashboard_queries_use_only_exported_metrics_and_show_them_all():
     assert used == METRICS
     ids = [p["id"] for p in dashboard["panels"]]
     assert len(ids) == len(set(ids)) and dashboard["uid"] == "k5serve"
+
+
+def test_usage_settings_reach_gateway_and_workers():
+    """Both count finished videos (usage totals, k5_usage_* metrics): they must agree on labels and retention."""
+    docs = render({"usage": {"retentionDays": 30, "labels": {"key_00112233aabbccdd": "acme", "key_0a": "beta"}}})
+    deployments = of_kind(docs, "Deployment")
+    gateway = next(d for name, d in deployments.items() if name.endswith("-gateway"))
+    workers = [d for name, d in deployments.items() if "-worker-" in name]
+    assert workers
+    for dep in [gateway, *workers]:
+        env = env_of(dep["spec"]["template"]["spec"]["containers"][0])
+        assert env["K5_USAGE_LABELS"]["value"] == "key_00112233aabbccdd=acme,key_0a=beta"
+        assert env["K5_USAGE_RETENTION_DAYS"]["value"] == "30"
+        Settings(usage_labels=env["K5_USAGE_LABELS"]["value"])  # what the chart writes, the service reads
 
 
 def test_worker_host_memory_follows_the_pools_model():

@@ -28,6 +28,7 @@ from service.contract.jobs import VARIANTS, JobStore, asset_key
 from service.contract.lifecycle import Lifecycle, Outcome, Run
 from service.contract.storage import Storage, StorageError, StorageFull
 from worker import encode
+from worker.meter import Meter
 from worker.pipeline import GenerationError, VideoPipeline
 from worker.stats import GenerationStats
 
@@ -108,6 +109,7 @@ class JobRun:
             return
         self.ctx.current = run
         rec = run.record
+        self.meter = Meter(rec)
         model = rec.model
         metrics.PHASE_SECONDS.labels(model, "queue_wait").observe(max(0.0, started - rec.created_at))
         t0 = time.perf_counter()
@@ -147,7 +149,7 @@ class JobRun:
             self.log.exception("job failed", extra={"code": code})
             if self.uploading:
                 self._delete_own(run)  # no half-stored video
-            if run.fail(code, message) is Outcome.NOT_OWNER:
+            if run.fail(code, message, usage=self.meter.usage()) is Outcome.NOT_OWNER:
                 self.log.warning("job lost before its failure was recorded")
             metrics.JOBS.labels(model, "failed").inc()
             metrics.FAILURES.labels(model, code).inc()
@@ -181,14 +183,18 @@ class JobRun:
             # Every step reads the record: a cancelled or deleted job stops here, within one step.
             if self.ctx.stop.is_set():
                 raise StopForShutdown
+            self.meter.steps = done
+            self.meter.enter("decode" if done >= total else "denoise")
             self._progress(run, PHASE["denoise"] + span * done // max(total, 1))
 
         t_job = time.perf_counter()
+        self.meter.enter("text_encode")
         frames = self.ctx.pipeline.generate(req, on_step)
         generate_s = time.perf_counter() - t_job
         stats = self._observe_generation(run, generate_s)
         self.log.info("generated", extra={"seconds": round(generate_s, 3), "frames": len(frames), **stats})
 
+        self.meter.enter("encode")
         self._progress(run, PHASE["encode"])
         t = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="k5-") as tmp:
@@ -201,6 +207,7 @@ class JobRun:
             encode.write_thumbnail(frames, files["thumbnail"])
             encode.write_spritesheet(frames, files["spritesheet"])
             metrics.PHASE_SECONDS.labels(rec.model, "encode").observe(time.perf_counter() - t)
+            self.meter.enter("upload")
             self._progress(run, PHASE["upload"])
             self.uploading = True
             t = time.perf_counter()
@@ -213,7 +220,8 @@ class JobRun:
             # Measured speed feeds the ETAs of queued jobs; overhead is everything but the denoising steps.
             total = time.perf_counter() - t_job
             self.ctx.store.record_timing(rec, stats["step_s"], total - stats["step_s"] * rec.num_inference_steps)
-        outcome = run.complete(expires_at=int(time.time()) + self.ctx.asset_ttl_s)
+        self.meter.enter(None)
+        outcome = run.complete(expires_at=int(time.time()) + self.ctx.asset_ttl_s, usage=self.meter.usage())
         if outcome is not Outcome.DONE:
             raise Stopped(outcome)
 
@@ -224,6 +232,7 @@ class JobRun:
         model = run.record.model
         figures: dict[str, float] = {}
         if stats is not None:
+            self.meter.measured(stats)
             phases = (("text_encode", stats.text_encode_s), ("denoise", stats.denoise_s), ("decode", stats.decode_s))
             for phase, seconds in phases:
                 metrics.PHASE_SECONDS.labels(model, phase).observe(seconds)
@@ -239,10 +248,10 @@ class JobRun:
             figures["step_s"] = generate_s / max(1, run.record.num_inference_steps)
         return figures
 
-    @staticmethod
-    def _progress(run: Run, progress: int) -> None:
-        # Every step reads the record: a cancelled, deleted or lost job stops here, within one step.
-        if (outcome := run.progress(progress)) is not Outcome.DONE:
+    def _progress(self, run: Run, progress: int) -> None:
+        # Every step reads the record: a cancelled, deleted or lost job stops here, within one step. The usage
+        # so far goes with it, so a job that ends now (cancelled, failed) still says what it used.
+        if (outcome := run.progress(progress, usage=self.meter.usage())) is not Outcome.DONE:
             raise Stopped(outcome)
 
 

@@ -15,6 +15,10 @@ Jobs (written only by service/contract/lifecycle.py):
   k5:expiry              sorted set video id -> when the janitor deletes its stored files: expires_at of a
                          completed video, the end of a failed one, job_timeout_s after a DELETE
   k5:idem:<owner>:<hash> an Idempotency-Key (sha256) -> {fingerprint, video_id}
+  k5:deadlines           sorted set video id -> deadline (unix seconds) of the queued jobs that have one: added
+                         when a job enters the queue, removed when it leaves it (started, final, deleted)
+Usage (service/contract/usage.py, written with each job's terminal transition):
+  k5:usage:<owner>:<day> hash of an owner's totals for one UTC day (YYYYMMDD): videos, seconds, steps, megavoxels
 Housekeeping:
   k5:lock:janitor        one janitor pass at a time across all the processes that run it
   k5:limbo:<rq id>       when the janitor first saw an RQ job taken off its queue but not started
@@ -45,6 +49,7 @@ def text(raw: Any) -> str:
 
 RUNNING = "k5:running"
 EXPIRY = "k5:expiry"
+DEADLINES = "k5:deadlines"
 JANITOR_LOCK = "k5:lock:janitor"
 MODELS = "k5:models"
 WEBHOOKS_DUE = "k5:webhooks:due"
@@ -76,6 +81,10 @@ def lease(video_id: str) -> str:
 def idempotency(owner: str, key: str) -> str:
     # Hashed: a client's key is arbitrary text and may be long.
     return f"k5:idem:{owner}:{hashlib.sha256(key.encode()).hexdigest()}"
+
+
+def usage(owner: str, day: str) -> str:
+    return f"k5:usage:{owner}:{day}"
 
 
 def limbo(rq_id: str) -> str:

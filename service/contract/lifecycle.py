@@ -20,6 +20,11 @@ The transitions and who takes them:
   redeliver  queued -> queued          the janitor, for an RQ job a worker took but never started
   give_up    queued|in_progress -> failed (worker_lost)  the janitor, after max_attempts lost runs
   cancel     queued|in_progress -> failed (cancelled)    the gateway
+  expire     queued -> failed (deadline_exceeded)       a worker's start, or the janitor's sweep of k5:deadlines,
+                                                        once the request's deadline passed (on Redis's clock)
+
+A queued job with a deadline is in k5:deadlines: every write that moves a job into or out of `queued` keeps that
+set in step, in the same transaction, so the janitor's sweep reads only jobs that are still waiting.
 """
 
 from __future__ import annotations
@@ -32,9 +37,9 @@ from typing import Any
 
 import redis
 
-from service.contract import keys, webhooks
+from service.contract import deadlines, keys, usage, webhooks
 from service.contract.idempotency import IDEMPOTENCY_TTL_S, IdempotencyKey, bound_video_id, replay
-from service.contract.jobs import JobStore, current_rq_id, new_rq_id
+from service.contract.jobs import JobStore, current_rq_id, new_rq_id, redis_clock
 from service.contract.record import JobRecord
 from service.contract.run import Run
 from service.contract.schemas import TERMINAL, VideoError
@@ -126,6 +131,8 @@ class Lifecycle:
                     pipe.zadd(keys.videos(rec.owner), {rec.id: 0})
                     self._prune_index(pipe, rec.owner)
                     pipe.sadd(inflight, rec.id)
+                    if rec.deadline_at is not None:
+                        pipe.zadd(keys.DEADLINES, {rec.id: rec.deadline_at})
                     self.store.enqueue(pipe, rec.model, rec.id, rec.id, description=f"video {rec.id}")
                     pipe.execute()
                     break
@@ -145,13 +152,34 @@ class Lifecycle:
         )
         if outcome is not Outcome.DONE or rec is None:
             return None
-        # Its current RQ job: a requeued or redelivered video waits under a new id.
-        queue = self.store.queue(rec.model)
-        for rq_id in dict.fromkeys([video_id, current_rq_id(self.r, video_id)]):
-            if queue.remove(rq_id):  # still waiting, so no worker holds it: its RQ job can go too
-                self.r.delete(queue.job_class.key_for(rq_id))
+        self._dequeue(rec)
         log.info("cancelled", extra={"video_id": video_id})
         return rec
+
+    def expire(self, video_id: str, now: float) -> JobRecord | None:
+        """queued -> failed (deadline_exceeded) once its deadline is past `now` (Redis's clock), off the queue
+        like a cancelled job. Returns the final record, or None when nothing moved (started, final, gone, not yet
+        due, or changed meanwhile: the janitor's next pass looks again)."""
+
+        def plan(snap: Snapshot) -> Move | Outcome:
+            assert snap.record is not None
+            if not deadlines.passed(snap.record, now):
+                return Outcome.REFUSED
+            return Move("expire", advanced(snap, "failed", error=deadlines.exceeded(snap.record, now)))
+
+        outcome, rec = self._transact(video_id, plan, edge="expire", retry=False)
+        if outcome is not Outcome.DONE or rec is None:
+            return None
+        self._dequeue(rec)
+        log.info("deadline exceeded before the job started", extra={"video_id": video_id})
+        return rec
+
+    def _dequeue(self, rec: JobRecord) -> None:
+        # Its current RQ job: a requeued or redelivered video waits under a new id.
+        queue = self.store.queue(rec.model)
+        for rq_id in dict.fromkeys([rec.id, current_rq_id(self.r, rec.id)]):
+            if queue.remove(rq_id):  # still waiting, so no worker holds it: its RQ job can go too
+                self.r.delete(queue.job_class.key_for(rq_id))
 
     def remove(self, rec: JobRecord) -> None:
         """Forget a video (DELETE, after cancel and after its files were deleted), all in one transaction: its
@@ -172,6 +200,7 @@ class Lifecycle:
                     pipe.multi()
                     pipe.delete(keys.video(vid), keys.attempt(vid), hooks)
                     pipe.zrem(keys.videos(rec.owner), vid)
+                    pipe.zrem(keys.DEADLINES, vid)
                     if deliveries:
                         pipe.delete(*(keys.webhook(d) for d in deliveries))
                         pipe.zrem(keys.WEBHOOKS_DUE, *deliveries)
@@ -194,16 +223,27 @@ class Lifecycle:
     def start(self, video_id: str, worker: str, rq_id: str, **changes: Any) -> Run | None:
         """queued -> in_progress for one run, or None when the job is final, gone, already running (a duplicate
         RQ entry must not start a second run), or `rq_id` is not its current RQ job (an older one, requeued
-        since, comes from a worker that was frozen or lost it and must not run it again)."""
+        since, comes from a worker that was frozen or lost it and must not run it again). A job past its deadline
+        (on Redis's clock) does not start: it fails deadline_exceeded, and None is returned too."""
         token = f"{worker}#{secrets.token_hex(4)}"
 
         def plan(snap: Snapshot) -> Move | Outcome:
             if rq_id != snap.rq:
                 return Outcome.REFUSED
+            assert snap.record is not None
+            if snap.record.deadline_at is not None:
+                now = redis_clock(self.r)
+                if deadlines.passed(snap.record, now):
+                    return Move("expire", advanced(snap, "failed", error=deadlines.exceeded(snap.record, now)))
             return Move("start", advanced(snap, "in_progress", worker=worker, **changes), token=token)
 
         outcome, rec = self._transact(video_id, plan, edge="start")
-        return Run(self, rec, token, rq_id) if outcome is Outcome.DONE and rec is not None else None
+        if outcome is not Outcome.DONE or rec is None:
+            return None
+        if rec.status != "in_progress":
+            log.info("deadline exceeded before the job started", extra={"video_id": video_id})
+            return None
+        return Run(self, rec, token, rq_id)
 
     def move_run(
         self, video_id: str, token: str, edge: str, changes: dict[str, Any]
@@ -326,6 +366,8 @@ class Lifecycle:
                     pipe.multi()
                     self._write(pipe, snap, move)
                     pipe.execute()
+                    if move.record.status in TERMINAL:
+                        usage.observe(move.record, self.settings)
                     return Outcome.DONE, move.record
                 except redis.WatchError:
                     if not retry:
@@ -372,18 +414,24 @@ class Lifecycle:
         if snap.record is not None and snap.record.status == "in_progress" and rec.status != "in_progress":
             pipe.delete(lkey)
             pipe.srem(keys.RUNNING, video_id)
+        if rec.deadline_at is not None and moved:  # k5:deadlines holds exactly the queued jobs with a deadline
+            if rec.status == "queued":
+                pipe.zadd(keys.DEADLINES, {video_id: rec.deadline_at})
+            else:
+                pipe.zrem(keys.DEADLINES, video_id)
         if rec.status in TERMINAL:
             self._terminal_effects(pipe, rec)
 
     def _terminal_effects(self, pipe: Any, rec: JobRecord) -> None:
         """Everything a job's end writes, with the record: the webhook event (exactly once, never lost), the
-        TTLs, the owner's in-flight count, the expiry of its stored files. The attempt hash keeps its owner: a
-        run that held the job learns FINAL (it was cancelled), any other run NOT_OWNER."""
+        TTLs, the owner's in-flight count and usage totals, the expiry of its stored files. The attempt hash keeps
+        its owner: a run that held the job learns FINAL (it was cancelled), any other run NOT_OWNER."""
         ttl = self.store.record_ttl_s
         pipe.expire(keys.video(rec.id), ttl)
         pipe.expire(keys.attempt(rec.id), ttl)
         pipe.expire(keys.videos(rec.owner), ttl)  # the owner's index outlives each of its records
         pipe.srem(keys.inflight(rec.owner), rec.id)
+        usage.count(pipe, rec, self.settings)
         # Registered with the end itself, so no stored file can escape the sweep: a completed video's at its
         # expires_at; a failed one's (an image-to-video input, what a lost run left) at once, as nothing reads them.
         if rec.status == "completed" and rec.expires_at is not None:

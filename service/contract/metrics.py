@@ -58,6 +58,21 @@ FAILURES = Counter("k5_worker_failures", "Failed jobs by error code.", ["model",
 RECOMPILES = Counter("k5_worker_recompiles", "torch.compile runs after the worker reported ready.", ["model"])
 MODEL_READY = Gauge("k5_worker_model_ready", "1 once the model is loaded and warm.", ["model"], multiprocess_mode="max")
 
+# -- usage (service/contract/usage.py): counted where a job's terminal transition is written, so a worker counts
+# what it completed or failed, a gateway what it cancelled; sum over processes. `key` is the operator's label for
+# an API key (K5_USAGE_LABELS) or "other": bounded by configuration, never the raw owner id.
+USAGE_VIDEOS = Counter("k5_usage_videos", "Finished videos by key label and status.", ["model", "key", "status"])
+USAGE_SECONDS = Counter(
+    "k5_usage_seconds",
+    "Seconds videos used by phase (text_encode, denoise, decode on the accelerator; encode, upload).",
+    ["model", "key", "phase"],
+)
+USAGE_STEPS = Counter("k5_usage_steps", "Denoising steps run.", ["model", "key"])
+USAGE_STEPS_RESUMED = Counter("k5_usage_steps_resumed", "Denoising steps resumed from a checkpoint.", ["model", "key"])
+USAGE_MEGAVOXELS = Counter(
+    "k5_usage_megavoxels", "Megavoxels (width x height x frames / 1e6) of videos that ran.", ["model", "key"]
+)
+
 # -- webhooks --------------------------------------------------------------------------------------------------
 WEBHOOK_DELIVERIES = Counter("k5_webhook_deliveries", "Webhook delivery attempts by outcome.", ["outcome"])
 WEBHOOK_PENDING = Gauge("k5_webhook_pending", "Deliveries waiting for an attempt.", multiprocess_mode="max")

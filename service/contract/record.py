@@ -15,7 +15,7 @@ from typing import Any
 from PIL import Image
 from pydantic import BaseModel, ConfigDict
 
-from service.contract.schemas import Status, Video, VideoError
+from service.contract.schemas import TERMINAL, Status, Video, VideoError, VideoUsage
 
 RECORD_VERSION = 2
 
@@ -62,6 +62,9 @@ class JobRecord(BaseModel):
     guidance_scale: float
     metadata: dict[str, str] | None = None
     enhanced_prompt: str | None = None
+    deadline_at: float | None = None
+    # Written by the run as it goes (service/contract/usage.py counts it with the terminal transition).
+    usage: VideoUsage | None = None
     # -- never shown to clients ----------------------------------------------------------------------------
     width: int
     height: int
@@ -104,6 +107,9 @@ class JobRecord(BaseModel):
             guidance_scale=self.guidance_scale,
             metadata=self.metadata,
             enhanced_prompt=self.enhanced_prompt,
+            deadline_at=self.deadline_at,
+            # A finished video that never ran used nothing: zeros, not "unknown".
+            usage=self.usage or (VideoUsage() if self.status in TERMINAL else None),
             **live,
         )
 

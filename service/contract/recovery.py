@@ -1,6 +1,7 @@
-"""The janitor: reaping runs whose worker vanished, redelivering jobs a worker took but never started, sweeping expired
-files. It is a client of service/contract/lifecycle.py, which makes every change of a record; this module only decides
-which jobs to look at (service/contract/keys.py names the keys: k5:running, k5:expiry, k5:limbo:*, k5:lock:janitor).
+"""The janitor: reaping runs whose worker vanished, redelivering jobs a worker took but never started, failing queued
+jobs past their deadline, sweeping expired files. It is a client of service/contract/lifecycle.py, which makes every
+change of a record; this module only decides which jobs to look at (service/contract/keys.py names the keys:
+k5:running, k5:expiry, k5:deadlines, k5:limbo:*, k5:lock:janitor).
 """
 
 from __future__ import annotations
@@ -106,6 +107,23 @@ class Recovery:
         self.r.delete(keys.limbo(rq_id))
         return True
 
+    def expire_deadlines(self, batch: int = 100) -> int:
+        """Fail the queued jobs whose deadline passed (Redis's clock) without waiting for a worker to take them:
+        with no worker free, or none at all (scale-to-zero), none would. k5:deadlines holds only queued jobs, so a
+        pass reads just the ones that are due."""
+        now = redis_clock(self.r)
+        due = self.r.zrangebyscore(keys.DEADLINES, "-inf", now, start=0, num=batch)
+        failed = 0
+        for raw in due:
+            video_id = keys.text(raw)
+            if self.life.expire(video_id, now) is not None:
+                failed += 1
+                continue
+            rec = self.store.get(video_id)
+            if rec is None or rec.status != "queued":  # left the queue by a way that kept no deadline: drop it
+                self.r.zrem(keys.DEADLINES, video_id)
+        return failed
+
     def sweep_expired(self, storage: Storage, now: float | None = None, batch: int = 100) -> int:
         """Delete the stored assets of videos past their expires_at."""
         due = self.r.zrangebyscore(keys.EXPIRY, "-inf", now or time.time(), start=0, num=batch)
@@ -121,7 +139,7 @@ class Recovery:
         if not self.r.set(keys.JANITOR_LOCK, holder, nx=True, px=max(200, int(self.settings.heartbeat_s * 900))):
             return
         # Each step on its own: one that fails (a bad record, storage away) must not stop the others.
-        for step in (self.reap, self.redeliver, lambda: self.sweep_expired(storage)):
+        for step in (self.reap, self.redeliver, self.expire_deadlines, lambda: self.sweep_expired(storage)):
             try:
                 step()
             except Exception:

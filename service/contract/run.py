@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from service.contract import keys
 from service.contract.record import JobRecord
-from service.contract.schemas import VideoError
+from service.contract.schemas import VideoError, VideoUsage
 from service.contract.transitions import Outcome
 
 if TYPE_CHECKING:
@@ -39,12 +39,14 @@ class Run:
             changes["progress"] = min(100, int(progress))
         return self._move("progress", changes)
 
-    def complete(self, expires_at: int) -> Outcome:
+    def complete(self, expires_at: int, usage: VideoUsage | None = None) -> Outcome:
         now = int(time.time())
-        return self._move("complete", {"progress": 100, "completed_at": now, "expires_at": expires_at})
+        changes: dict[str, Any] = {"progress": 100, "completed_at": now, "expires_at": expires_at}
+        return self._move("complete", changes if usage is None else {**changes, "usage": usage})
 
-    def fail(self, code: str, message: str) -> Outcome:
-        return self._move("fail", {"error": VideoError(code=code, message=message)})
+    def fail(self, code: str, message: str, usage: VideoUsage | None = None) -> Outcome:
+        changes: dict[str, Any] = {"error": VideoError(code=code, message=message)}
+        return self._move("fail", changes if usage is None else {**changes, "usage": usage})
 
     def requeue(self) -> Outcome:
         """Give the job back at a step boundary (worker shutdown): not a failed attempt."""

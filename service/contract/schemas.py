@@ -9,13 +9,15 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, computed_field
 
 Status = Literal["queued", "in_progress", "completed", "failed"]
 TERMINAL: frozenset[str] = frozenset({"completed", "failed"})
 
 MAX_PROMPT_CHARS = 32_000
 MAX_SEED = 2**63 - 1
+# The furthest a request's deadline may lie ahead: a week, well inside the life of a job record.
+MAX_DEADLINE_S = 7 * 86400
 # The API's string patterns, and what each means for people (error messages say that, not the regex).
 NOT_BLANK = r"\S"
 SIZE_PATTERN = r"^[0-9]{1,5}x[0-9]{1,5}$"
@@ -97,6 +99,21 @@ class VideoCreate(BaseModel):
         max_length=2048,
         description="k5serve extension: where to POST the signed video.completed / video.failed event.",
     )
+    deadline_s: float | None = Field(
+        None,
+        gt=0,
+        le=MAX_DEADLINE_S,
+        allow_inf_nan=False,
+        description="k5serve extension: seconds from now by which the job must have started; one not started by "
+        "then fails with deadline_exceeded, and one whose estimated completion is later is refused (409 "
+        "deadline_unreachable). Give this or deadline_at, not both.",
+    )
+    deadline_at: float | None = Field(
+        None,
+        gt=0,
+        allow_inf_nan=False,
+        description="k5serve extension: the deadline as an absolute unix time (seconds), at most a week ahead.",
+    )
 
 
 class VideoRemix(BaseModel):
@@ -116,6 +133,26 @@ class VideoRemix(BaseModel):
 class VideoError(BaseModel):
     code: str
     message: str
+
+
+class VideoUsage(BaseModel):
+    """What a video used (k5serve extension), summed over its runs: seconds per phase, denoising steps, size.
+    While it runs, what it used so far; on a failed video, what it used until it failed."""
+
+    text_encode_seconds: float = 0.0
+    denoise_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    encode_seconds: float = 0.0
+    upload_seconds: float = 0.0
+    steps: int = Field(0, description="Denoising steps run (a rerun after a lost worker counts again).")
+    steps_resumed: int = Field(0, description="Denoising steps not run again because a checkpoint held them.")
+    megavoxels: float = Field(0.0, description="width x height x frames / 1e6 of a video that ran.")
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def gpu_seconds(self) -> float:
+        """The accelerator's share: text encoding, denoising and the VAE decode."""
+        return self.text_encode_seconds + self.denoise_seconds + self.decode_seconds
 
 
 class Video(BaseModel):
@@ -145,6 +182,22 @@ class Video(BaseModel):
     estimated_completion_at: int | None = Field(
         None, description="While not finished: estimated unix time of completion, from measured step times."
     )
+    deadline_at: float | None = Field(None, description="The request's deadline (unix time), if it had one.")
+    usage: VideoUsage | None = Field(
+        None, description="What the video used: so far while it runs, in total once finished (zero if it never ran)."
+    )
+
+
+class UsageReport(VideoUsage):
+    """GET /v1/usage: the calling key's totals over whole UTC days (k5serve extension)."""
+
+    object: Literal["usage"] = "usage"
+    owner: str = Field(description="The key's owner id, as K5_USAGE_LABELS names it.")
+    start: int = Field(description="Start of the first day counted (unix seconds, UTC midnight).")
+    end: int = Field(description="End of the last day counted (exclusive).")
+    videos_completed: int = 0
+    videos_failed: int = 0
+    megavoxels: float = Field(0.0, description="Sum over the videos that ran.")
 
 
 class VideoList(BaseModel):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlparse
@@ -98,6 +99,12 @@ class Settings(BaseSettings):
     max_inflight_per_key: int = Field(16, ge=1)
     # Per-model cap on queued jobs; beyond it new requests get 429.
     max_queue_depth: int = Field(1000, ge=1)
+    # -- usage (GET /v1/usage, k5_usage_* metrics) ------------------------------------------------------------
+    # Days an owner's daily usage totals stay in Redis (and the longest range GET /v1/usage sums).
+    usage_retention_days: int = Field(400, ge=1, le=3660)
+    # The `key` label of the k5_usage_* metrics, "owner=label" comma-separated (owner: key_ + the first 16 hex
+    # of the key's sha256); every other key counts as "other", so the label set is bounded by this list.
+    usage_labels: str = ""
 
     # Event streams (GET /v1/videos/{id}/events): open at once per API key and gateway process, and how long one
     # lasts before the client reconnects (with Last-Event-ID); a comment line keeps idle proxies open meanwhile.
@@ -203,6 +210,20 @@ class Settings(BaseSettings):
             if not sep or not alias.strip() or not target.strip():
                 raise ValueError(f"model alias {pair!r} must be alias=model-id")
         return v
+
+    @field_validator("usage_labels")
+    @classmethod
+    def _check_usage_labels(cls, v: str) -> str:
+        for pair in filter(None, (p.strip() for p in v.split(","))):
+            owner, sep, label = (part.strip() for part in pair.partition("="))
+            if not sep or not owner or not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", label):
+                raise ValueError(f"usage label {pair!r} must be owner=label (label: 1-64 of A-Z a-z 0-9 _ . -)")
+        return v
+
+    @property
+    def tenant_labels(self) -> dict[str, str]:
+        pairs = (p.partition("=") for p in self.usage_labels.split(",") if p.strip())
+        return {owner.strip(): label.strip() for owner, _, label in pairs}
 
     @property
     def aliases(self) -> dict[str, str]:

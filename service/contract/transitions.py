@@ -24,6 +24,7 @@ EDGES: dict[str, Edge] = {
     "redeliver": Edge(frozenset({"queued"}), "queued"),
     "give_up": Edge(frozenset({"queued", "in_progress"}), "failed"),
     "cancel": Edge(frozenset({"queued", "in_progress"}), "failed"),
+    "expire": Edge(frozenset({"queued"}), "failed"),
 }
 
 

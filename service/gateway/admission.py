@@ -1,5 +1,6 @@
 """What a request must pass before it becomes a job: a served model and size, room in the key's and the
-model's limits, a reachable store, a safe webhook URL; and the refusals that say what to send instead."""
+model's limits, a reachable store, a safe webhook URL, a deadline it can meet; and the refusals that say what to
+send instead."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ from collections.abc import Callable
 
 from service.contract import keys
 from service.contract.jobs import JobRecord, JobStore
-from service.contract.problems import InvalidParameter, Throttled, Unavailable
-from service.contract.schemas import TERMINAL, VideoCreate
+from service.contract.problems import Conflict, InvalidParameter, Throttled, Unavailable
+from service.contract.schemas import MAX_DEADLINE_S, TERMINAL, VideoCreate
 from service.contract.settings import Settings
 from service.contract.storage import StorageError, StorageFull
 from service.contract.webhooks import UnsafeURL, URLPolicy
@@ -99,3 +100,52 @@ def check_webhook_url(url: str, settings: Settings) -> None:
         URLPolicy(settings.webhook_allowed_hosts).check(url)
     except UnsafeURL as e:
         raise InvalidParameter(f"Invalid webhook_url: {e}.", param="webhook_url", code="unsafe_webhook_url") from e
+
+
+def deadline_of(req: VideoCreate, now: float) -> float | None:
+    """The request's deadline as a unix time (`now`: Redis's clock, which every deadline check reads)."""
+    if req.deadline_s is not None and req.deadline_at is not None:
+        raise InvalidParameter("Give deadline_s or deadline_at, not both.", param="deadline_at")
+    if req.deadline_s is not None:
+        return now + req.deadline_s
+    if req.deadline_at is None:
+        return None
+    if req.deadline_at <= now:
+        raise InvalidParameter(
+            f"deadline_at ({req.deadline_at:.0f}) is not in the future; the server's time is {now:.0f}.",
+            param="deadline_at",
+            code="deadline_passed",
+        )
+    if req.deadline_at > now + MAX_DEADLINE_S:
+        raise InvalidParameter(
+            f"deadline_at may be at most {MAX_DEADLINE_S} s ahead (the server's time is {now:.0f}).",
+            param="deadline_at",
+        )
+    return req.deadline_at
+
+
+def check_deadline(store: JobStore, rec: JobRecord, now: float, param: str) -> None:
+    """Refuse up front a job that cannot finish by its deadline: its ETA is the wait for its place at the end of
+    its model's queue plus its own run, both from the workers' measured step times (JobStore.estimate_s), with
+    the video object's assumption that the jobs ahead are like this one and the running ones half done. Until
+    a job of the model has been timed, or while no worker is online (scale-to-zero), the job is accepted: the
+    deadline still fails it if it has not started in time."""
+    if rec.deadline_at is None:
+        return
+    own = store.estimate_s(rec, store.timing(rec.model))
+    workers = store.workers_online(rec.model)
+    if own is None or not workers:
+        return
+    queue = store.queue(rec.model)
+    ahead = queue.count
+    idle = ahead == 0 and queue.started_job_registry.count < workers
+    wait = 0.0 if idle else (ahead // workers + 0.5) * own
+    eta = now + wait + own
+    if eta > rec.deadline_at:
+        raise Conflict(
+            f"The deadline is {rec.deadline_at - now:.0f} s away, but this video is estimated to complete in "
+            f"{eta - now:.0f} s (at {eta:.0f}: {ahead} job(s) queued ahead for {workers} worker(s) of {rec.model}, "
+            f"about {own:.1f} s each). Give a later deadline, or none.",
+            param=param,
+            code="deadline_unreachable",
+        )

@@ -26,7 +26,7 @@ from service.gateway import errors
 from service.gateway.auth import KeyRing, Limits
 from service.gateway.forms import form_schema
 from service.gateway.roster import Roster
-from service.gateway.routes import health, models, playground, videos
+from service.gateway.routes import health, models, playground, usage, videos
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(videos.router)
     app.include_router(models.router)
+    app.include_router(usage.router)
     app.include_router(playground.router)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app

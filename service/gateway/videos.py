@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from service.contract.idempotency import IdempotencyKey, replay
-from service.contract.jobs import INPUT_IMAGE, VARIANTS, JobRecord, JobStore, asset_key, plan_job
+from service.contract.jobs import INPUT_IMAGE, VARIANTS, JobRecord, JobStore, asset_key, plan_job, redis_clock
 from service.contract.lifecycle import Lifecycle
 from service.contract.models import resolve_alias
 from service.contract.problems import Conflict, Gone, NotFound
@@ -17,8 +17,10 @@ from service.contract.settings import Settings
 from service.contract.storage import Storage, StorageError
 from service.gateway.admission import (
     check_capacity,
+    check_deadline,
     check_storage,
     check_webhook_url,
+    deadline_of,
     fingerprint,
     too_many_inflight,
     unserved_message,
@@ -66,6 +68,8 @@ def submit(
     rec = plan_job(req, spec, has_image=image is not None)
     rec.owner = owner
     rec.remixed_from_video_id = remixed_from
+    now = redis_clock(store.r) if req.deadline_s is not None or req.deadline_at is not None else 0.0
+    rec.deadline_at = deadline_of(req, now)
     idem = None
     if idempotency_key is not None:
         idem = IdempotencyKey(owner, idempotency_key, fingerprint(req, image))
@@ -73,6 +77,7 @@ def submit(
         if (earlier := replay(store.r, idem)) is not None:
             return earlier, True
     check_capacity(store, settings, owner, spec.id)
+    check_deadline(store, rec, now, "deadline_s" if req.deadline_s is not None else "deadline_at")
     check_storage(storage.available)
     if image is not None:
         png = prepare_image(

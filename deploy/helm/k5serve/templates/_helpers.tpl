@@ -106,6 +106,12 @@ imagePullSecrets:
   value: {{ .Values.heartbeatSeconds | quote }}
 - name: K5_MAX_ATTEMPTS
   value: {{ .Values.maxAttempts | quote }}
+- name: K5_USAGE_RETENTION_DAYS
+  value: {{ .Values.usage.retentionDays | quote }}
+{{- with .Values.usage.labels }}
+- name: K5_USAGE_LABELS
+  value: {{ include "k5serve.usageLabels" . | quote }}
+{{- end }}
 {{- with .Values.webhooks.url }}
 - name: K5_WEBHOOK_URL
   value: {{ . | quote }}
@@ -210,4 +216,13 @@ emptyDir: {}
   {{- with .Values.networkPolicy.s3Egress.to }}
   to: {{- toYaml . | nindent 4 }}
   {{- end }}
+{{- end -}}
+
+{{/* K5_USAGE_LABELS from the usage.labels map: "owner=label" pairs, comma-separated, in key order. */}}
+{{- define "k5serve.usageLabels" -}}
+{{- $pairs := list -}}
+{{- range $owner, $label := . -}}
+{{- $pairs = append $pairs (printf "%s=%s" $owner $label) -}}
+{{- end -}}
+{{- join "," $pairs -}}
 {{- end -}}
