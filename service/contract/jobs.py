@@ -298,6 +298,8 @@ class JobStore:
             pipe.sadd(keys.MODELS, spec.id)
             pipe.zadd(keys.workers(spec.id), {worker: now})
             pipe.zremrangebyscore(keys.workers(spec.id), "-inf", now - self._offline_after())
+            pipe.zadd(keys.layouts(spec.id), {self.settings.parallel: now})
+            pipe.zremrangebyscore(keys.layouts(spec.id), "-inf", now - self._offline_after())
             pipe.execute()
 
     def retire(self, spec: ModelSpec, worker: str) -> None:
@@ -340,9 +342,14 @@ class JobStore:
 
     # -- /v1/models (service/gateway/roster.py reads this at most once per heartbeat) -------------------------------
 
-    def model_states(self) -> builtins.list[tuple[ModelSpec, int, int]]:
+    def model_layouts(self) -> dict[str, builtins.list[str]]:
+        """model -> the K5_PARALLEL layouts of its pools online now ("none": one GPU per worker)."""
+        return {state[0].id: state[3] for state in self.model_states() if state[3]}
+
+    def model_states(self) -> builtins.list[tuple[ModelSpec, int, int, builtins.list[str]]]:
         """Every model the catalogue, the settings or a worker names (announced specs first), each with its workers
-        online and since when it is served (unix seconds, 0 for never), in two round trips."""
+        online, since when it is served (unix seconds, 0 for never) and its pools' parallel layouts, in two round
+        trips."""
         announced = sorted(keys.text(m) for m in self.r.smembers(keys.MODELS))
         ids = list(dict.fromkeys([*announced, *self.settings.served_model_ids, *CATALOGUE]))
         cutoff = time.time() - self._offline_after()
@@ -351,11 +358,12 @@ class JobStore:
                 pipe.get(keys.spec(m))
                 pipe.zcount(keys.workers(m), cutoff, "+inf")
                 pipe.get(keys.since(m))
+                pipe.zrangebyscore(keys.layouts(m), cutoff, "+inf")
             replies = pipe.execute()
         states = []
         for i, m in enumerate(ids):
-            raw, workers, since = replies[3 * i : 3 * i + 3]
+            raw, workers, since, layouts = replies[4 * i : 4 * i + 4]
             spec = ModelSpec.model_validate_json(raw) if raw else find_spec(m)
             if spec is not None:
-                states.append((spec, int(workers), int(since or 0)))
+                states.append((spec, int(workers), int(since or 0), sorted(keys.text(x) for x in layouts)))
         return states
