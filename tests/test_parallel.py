@@ -149,6 +149,19 @@ def test_a_killed_rank_requeues_its_job_and_the_group_restarts(
         )
         assert done.status == "completed", done
         assert proc.poll() is None and not set(ranks) & set(_ranks(proc.pid))
+
+        # Cancellation stops every rank at the same step: the group serves the next job.
+        cancelled = new_job(store, spec, steps=50, seconds="2")
+        wait_until(lambda: store.get(cancelled.id).progress > 10, 60, "second job running", log)
+        Lifecycle(store).cancel(cancelled.id)
+        wait_until(lambda: "job cancelled while running" in log.read_text(), 60, "the run stopping", log)
+        after = new_job(store, spec, steps=2)
+        wait_until(lambda: store.get(after.id).status == "completed", 120, "a job after the cancel", log)
+        # SIGTERM reaches rank 0, which stops as a one-GPU worker does; the supervisor exits 0 with its ranks.
+        restarted = _ranks(proc.pid)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+        assert not any(Path(f"/proc/{pid}").exists() for pid in restarted)
     finally:
         stop_process(proc)
         r.flushdb()
