@@ -143,6 +143,8 @@ def run(settings: Settings, rank: Rank | None = None, on_ready: Callable[[], Non
             store.retire(spec, name)
         except Exception:
             log.warning("could not retire worker", exc_info=True)
+        if isinstance(pipeline, parallel.Leader):
+            pipeline.close()
 
 
 def serve(settings: Settings, queue_name: str, name: str, ctx: runner.WorkerContext) -> None:

@@ -338,6 +338,11 @@ class Leader:
         return step
 
 
+    def close(self) -> None:
+        """After the worker loop: the others leave their loops too (instead of finding rank 0's sockets closed)."""
+        self.rank.send("exit")
+
+
 def _reset_guidance(video) -> None:
     transformer = vars(video.pipe).get("transformer")
     if isinstance(transformer, GuidanceSplit):
