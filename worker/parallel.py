@@ -337,7 +337,6 @@ class Leader:
 
         return step
 
-
     def close(self) -> None:
         """After the worker loop: the others leave their loops too (instead of finding rank 0's sockets closed)."""
         self.rank.send("exit")
