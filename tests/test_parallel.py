@@ -28,7 +28,7 @@ from tests import parallel_group
 from tests.conftest import ROOT
 from tests.test_recovery import new_job
 from tests.waiting import wait_until
-from worker import parallel
+from worker import parallel, splits
 from worker.pipeline import VideoPipeline
 from worker.speed import ConfigError
 
@@ -71,15 +71,15 @@ def test_sequence_parallel_refuses_nabla_and_head_counts_ulysses_cannot_split():
 
     tiny = _transformer()  # 2 heads
     with pytest.raises(ConfigError, match="2 attention heads"):
-        parallel.enable_sequence_parallel(tiny, _rank("sp=4", tiny), "native", [(96, 64, 25)])
+        splits.enable_sequence_parallel(tiny, _rank("sp=4", tiny), "native", [(96, 64, 25)])
     nabla = Kandinsky5Transformer3DModel(
         in_visual_dim=4, out_visual_dim=4, in_text_dim=8, in_text_dim2=8, time_dim=16, model_dim=32, ff_dim=32,
         num_text_blocks=1, num_visual_blocks=1, axes_dims=(4, 6, 6), attention_type="nabla",
     )  # fmt: skip
     with pytest.raises(ConfigError, match="NABLA"):
-        parallel.enable_sequence_parallel(nabla, _rank("sp=2", nabla), "flex", [(128, 128, 25)])
+        splits.enable_sequence_parallel(nabla, _rank("sp=2", nabla), "flex", [(128, 128, 25)])
     with pytest.raises(ConfigError, match="log-sum-exp"):
-        parallel.enable_sequence_parallel(tiny, _rank("sp=2,ring=2", tiny), "native", [(96, 64, 25)])
+        splits.enable_sequence_parallel(tiny, _rank("sp=2,ring=2", tiny), "native", [(96, 64, 25)])
 
 
 @pytest.mark.slow
