@@ -97,9 +97,14 @@ def worker() -> None:
 
     # Before anything initialises CUDA: the allocator reads it once (worker/speed.py says why expandable segments).
     configure_allocator(os.environ)
+    settings = _settings()
+    if settings.layout.world > 1:  # one video on several GPUs: a supervisor and one process per GPU
+        from worker.ranks import serve
+
+        raise SystemExit(serve(settings))
     from worker.main import run
 
-    run(_settings())
+    run(settings)
 
 
 @main.command()

@@ -54,7 +54,7 @@ def test_a_worker_whose_clock_is_off_is_online_and_hides_nobody(r, monkeypatch, 
     assert store.workers_online(SPEC.id) == 2
     with clock_off(monkeypatch, -skew):  # and a gateway whose clock is off the other way sees the same
         assert store.workers_online(SPEC.id) == 2
-        states = {spec.id: workers for spec, workers, _ in store.model_states()}
+        states = {spec.id: workers for spec, workers, *_ in store.model_states()}
         assert states[SPEC.id] == 2
 
 

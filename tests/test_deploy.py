@@ -324,12 +324,36 @@ def test_schema_rejects_invalid_values(values):
         ({"redis": {"bundled": False, "url": "redis://:hunter2@redis:6379/0"}}, "must not carry credentials"),
         ({"auth": {"apiKeysSecret": {"name": ""}}}, "auth.apiKeysSecret.name is required"),
         ({"redis": {"bundled": False, "url": "redis://r:6379/0"}, "keda": {"enabled": True}}, "keda.redis.address"),
+        (
+            {"workers": [{"name": "a", "model": "m", "gpu": {"count": 4}, "parallel": "cfg=2,sp=4"}]},
+            "gpu.count is 4 but parallel=cfg=2,sp=4 spans 8 GPUs",
+        ),
     ],
-    ids=["password-in-redis-url", "no-api-keys", "keda-without-redis-address"],
+    ids=["password-in-redis-url", "no-api-keys", "keda-without-redis-address", "gpus-not-the-layout"],
 )
 def test_templates_refuse_unsafe_or_incomplete_values(values, message):
     with pytest.raises(helm_python.HelmRenderError, match=re.escape(message)):
         render(values)
+
+
+def test_a_parallel_pool_gets_its_gpus_the_layout_and_shared_memory_for_nccl():
+    pool = {"name": "pro", "model": "kandinsky-5.0-t2v-pro-sft-5s", "gpu": {"count": 8}, "parallel": "cfg=2,sp=4"}
+    docs = render({"workers": [pool, {"name": "lite", "model": "kandinsky-5.0-t2v-lite-sft-5s", "gpu": {"count": 1}}]})
+    for doc in docs:
+        if doc["kind"] not in CRDS.get(doc["apiVersion"], ()):
+            kubernetes_validate.validate(doc, K8S, strict=True)
+    deployments = of_kind(docs, "Deployment")
+    parallel = deployments["k5-k5serve-worker-pro"]["spec"]["template"]["spec"]
+    (worker,) = parallel["containers"]
+    assert worker["resources"]["limits"]["nvidia.com/gpu"] == 8
+    assert env_of(worker)["K5_PARALLEL"]["value"] == "cfg=2,sp=4"
+    assert Settings(parallel=env_of(worker)["K5_PARALLEL"]["value"]).layout.world == 8
+    assert {"name": "dshm", "mountPath": "/dev/shm"} in worker["volumeMounts"]
+    shm = {v["name"]: v for v in parallel["volumes"]}["dshm"]
+    assert shm["emptyDir"]["medium"] == "Memory"
+    single = deployments["k5-k5serve-worker-lite"]["spec"]["template"]["spec"]
+    assert env_of(single["containers"][0])["K5_PARALLEL"]["value"] == "none"
+    assert "dshm" not in {v["name"] for v in single["volumes"]}
 
 
 def test_every_values_key_is_commented():
@@ -376,6 +400,7 @@ def test_every_setting_an_operator_sets_is_a_chart_value():
         "storage": {"endpointUrl": "https://s3.example.com"},
         "gateway": {"defaultModel": LITE_ID, "modelAliases": f"sora-2={LITE_ID}", "publicUrl": "https://v.example.com"},
         "webhooks": {"url": "https://hooks.example.com/k5", "allowedHosts": "10.0.0.0/8"},
+        "usage": {"labels": {"0123abcd": "acme"}},
     }
     passed = {
         e["name"]

@@ -26,12 +26,16 @@ def test_models_listing_costs_no_redis_reads_between_heartbeats(tmp_path):
         r = redis.Redis.from_url(server.url)
         spec = TINY["k5-tiny-t2v"]
         JobStore(r, Settings(redis_url=server.url, heartbeat_s=30)).announce(spec, "worker-1")
+        # A second pool that spreads each video over 8 GPUs: the model object names both layouts.
+        JobStore(r, Settings(redis_url=server.url, heartbeat_s=30, parallel="sp=4,cfg=2")).announce(spec, "pod-8gpu")
         # A long heartbeat: neither the janitor nor a refresh of the listing comes round during the test.
         with gateway_process(server.url, tmp_path, K5_HEARTBEAT_S="30") as base, httpx.Client(base_url=base) as c:
             first = c.get("/v1/models")
             assert first.status_code == 200, first.text
             by_id = {m["id"]: m for m in first.json()["data"]}
-            assert by_id[spec.id]["online"] and by_id[spec.id]["workers"] == 1
+            assert by_id[spec.id]["online"] and by_id[spec.id]["workers"] == 2
+            assert by_id[spec.id]["parallel"] == ["cfg=2,sp=4", "none"]
+            assert by_id["kandinsky-5.0-t2v-pro-sft-5s"]["parallel"] == []  # nothing online
             before = commands(r)
             calls = 50
             for _ in range(calls):

@@ -88,10 +88,13 @@ def weights_bytes(folder: Path, dtype: torch.dtype) -> dict[str, int]:
     return out
 
 
-def load_components(folder: Path, device: torch.device, dtype: torch.dtype, text_device: torch.device) -> dict:
+def load_components(
+    folder: Path, device: torch.device, dtype: torch.dtype, text_device: torch.device, skip: tuple[str, ...] = ()
+) -> dict:
     """Every component of the checkpoint, the weighted ones loaded onto their device in their own dtype.
 
     `text_device`: where the text encoders are loaded (the compute device, or the host for "offload"/"cpu").
+    `skip`: components left out (None), e.g. the text encoders on ranks that receive the embeddings.
     """
     from transformers import AutoTokenizer
 
@@ -101,6 +104,9 @@ def load_components(folder: Path, device: torch.device, dtype: torch.dtype, text
         if name.startswith("_") or not isinstance(entry, list):
             continue
         library, cls_name = entry
+        if name in skip:
+            components[name] = None
+            continue
         if name.startswith("tokenizer"):
             # The published repos ship a Qwen2VLProcessor as `tokenizer`; building it needs torchvision (its image
             # and video processors) although the pipeline only ever calls it on text. Its text tokenizer lives in

@@ -13,6 +13,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 
 import redis
 from rq import Queue, SimpleWorker
@@ -25,7 +26,8 @@ from service.contract.models import TINY, UnknownModelError, resolve_model
 from service.contract.recovery import Recovery
 from service.contract.settings import Settings
 from service.contract.storage import Storage, open_storage
-from worker import runner
+from worker import parallel, runner
+from worker.parallel import Rank
 from worker.pipeline import VideoPipeline
 from worker.speed import ConfigError
 
@@ -95,7 +97,9 @@ class RecoveringWorker(SimpleWorker):
             raise SystemExit(EXIT_DEVICE_LOST)
 
 
-def run(settings: Settings) -> None:
+def run(settings: Settings, rank: Rank | None = None, on_ready: Callable[[], None] | None = None) -> None:
+    """`rank`: rank 0 of a worker spanning several GPUs (worker/ranks.py starts it); `on_ready` is called once the
+    worker is warm and announced."""
     if not settings.model:
         raise SystemExit("K5_MODEL is not set: name a catalogue id, a hub repo id or a local checkpoint directory")
     try:
@@ -114,10 +118,12 @@ def run(settings: Settings) -> None:
 
     # Load and warm before announcing: a worker is only online once it can take a job at full speed.
     try:
-        pipeline = VideoPipeline.load(settings, spec)
+        pipeline = VideoPipeline.load(settings, spec, rank)
     except ConfigError as e:  # a configuration that cannot work on this device: one line naming the fix
         raise SystemExit(f"K5_MODEL={settings.model}: {e}") from None
     pipeline.warm()
+    if rank is not None:
+        pipeline = parallel.Leader(pipeline, rank)
     ctx = runner.WorkerContext(store, storage, pipeline, name, settings.asset_ttl_s)
     runner.configure(ctx)
 
@@ -126,7 +132,9 @@ def run(settings: Settings) -> None:
     ready.set()
     heartbeat = Heartbeat(store, spec, name, settings.heartbeat_s, ctx, storage)
     heartbeat.start()
-    log.info("worker ready", extra={"model": spec.id, "worker": name})
+    log.info("worker ready", extra={"model": spec.id, "worker": name, "parallel": settings.parallel})
+    if on_ready is not None:
+        on_ready()
     try:
         serve(settings, spec.id, name, ctx)
     finally:
@@ -135,6 +143,8 @@ def run(settings: Settings) -> None:
             store.retire(spec, name)
         except Exception:
             log.warning("could not retire worker", exc_info=True)
+        if isinstance(pipeline, parallel.Leader):
+            pipeline.close()
 
 
 def serve(settings: Settings, queue_name: str, name: str, ctx: runner.WorkerContext) -> None:

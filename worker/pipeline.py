@@ -14,6 +14,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -27,6 +28,9 @@ from worker import attention, enhance, loader, sampling, speed
 from worker.stats import GenerationStats
 from worker.stepcache import StepCacher
 from worker.textcache import DEFAULT_NEGATIVE_PROMPT, LRU, Placement, PromptEmbeds, TextEncoders
+
+if TYPE_CHECKING:
+    from worker.parallel import Rank
 
 log = logging.getLogger(__name__)
 
@@ -65,13 +69,21 @@ class VideoPipeline:
     """A warm Kandinsky 5 pipeline. Not concurrency-safe: the pipeline keeps per-call state on itself."""
 
     def __init__(
-        self, pipe, spec: ModelSpec, device: torch.device, settings: Settings, placement: Placement | None = None
+        self,
+        pipe,
+        spec: ModelSpec,
+        device: torch.device,
+        settings: Settings,
+        placement: Placement | None = None,
+        rank: Rank | None = None,
     ) -> None:
         self.pipe = pipe
         self.spec = spec
         self.device = device
         self.settings = settings
         self.last_stats: GenerationStats | None = None
+        # One rank of a worker spanning several GPUs (worker/parallel.py), or None.
+        self.rank = rank
         self.warmed: list[tuple[int, int, int]] = []
         self._busy = threading.Lock()
         transformer = pipe.transformer
@@ -80,7 +92,7 @@ class VideoPipeline:
         self.placement = placement or speed.text_placement(settings, pipe, device)
         transformer.to(device)
         pipe.vae.to(device)
-        self.encoders = TextEncoders(
+        self.encoders = (rank.text_encoders if rank else TextEncoders)(
             pipe, device, self.placement, settings.text_cache_size, settings.max_sequence_length
         )
         self.expansions: LRU[tuple[str, int, str], str] = LRU(settings.text_cache_size)
@@ -91,8 +103,10 @@ class VideoPipeline:
         else:
             self.enhance_default = settings.enhance_prompt == "on"
         # Checked once at load (worker/enhance.py): a missing LM head, or image-to-video without the processor.
-        self.enhance_unavailable = enhance.unavailable_reason(pipe, spec.task)
-        if self.enhance_unavailable is not None:
+        self.enhance_unavailable = enhance.unavailable_reason(pipe, spec.task) if pipe.text_encoder else None
+        if pipe.text_encoder is None:
+            self.enhance_default = False  # a follower rank: rank 0 expands and encodes
+        elif self.enhance_unavailable is not None:
             log.warning("prompt expansion disabled", extra={"model": spec.id, "reason": self.enhance_unavailable})
             self.enhance_default = False
         # Nearly every job uses the default negative prompt: encode it once, now.
@@ -107,6 +121,8 @@ class VideoPipeline:
         attention.apply(transformer, self.attention)
         self.attention_backend = self.attention.describe()
         self.attention_timings = self.attention.timings
+        if self.rank is not None:
+            self.rank.shard(self)  # CFG / sequence split, before the step cache and compile
         self.compile_scope = speed.compile_scope(settings, self.device)
         speed.require_compiled_flex(transformer, self.compile_scope, self.device, self.attention.visual)
         self.step_cache = StepCacher(
@@ -128,7 +144,7 @@ class VideoPipeline:
         self.recompiles = 0
 
     @classmethod
-    def load(cls, settings: Settings, spec: ModelSpec) -> VideoPipeline:
+    def load(cls, settings: Settings, spec: ModelSpec, rank: Rank | None = None) -> VideoPipeline:
         import transformers
         from diffusers import Kandinsky5I2VPipeline, Kandinsky5T2VPipeline
         from diffusers.utils import logging as diffusers_logging
@@ -146,9 +162,10 @@ class VideoPipeline:
         weights = loader.weights_bytes(folder, dtype)
         placement = speed.text_placement(settings, None, device, sum(weights.values()))
         text_device = device if placement == "device" else torch.device("cpu")
-        pipe = pipeline_cls(**loader.load_components(folder, device, dtype, text_device))
+        skip = rank.skip_components() if rank else ()
+        pipe = pipeline_cls(**loader.load_components(folder, device, dtype, text_device, skip))
         pipe.set_progress_bar_config(disable=True)
-        loaded = cls(pipe, spec, device, settings, placement)
+        loaded = cls(pipe, spec, device, settings, placement, rank)
         log.info(
             "pipeline loaded",
             extra={

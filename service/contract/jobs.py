@@ -57,10 +57,17 @@ redis.call('SET', KEYS[2], t[1], 'NX')
 redis.call('SADD', KEYS[3], ARGV[2])
 redis.call('ZADD', KEYS[4], now, ARGV[3])
 redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now - tonumber(ARGV[4]))
+redis.call('ZADD', KEYS[5], now, ARGV[5])
+redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', now - tonumber(ARGV[4]))
 """
 _ONLINE = """
 local t = redis.call('TIME')
 return redis.call('ZCOUNT', KEYS[1], tonumber(t[1]) + tonumber(t[2]) / 1000000 - tonumber(ARGV[1]), '+inf')
+"""
+# The parallel layouts of a model's pools with a beat inside the window, on Redis's clock like _ONLINE.
+_LAYOUTS = """
+local t = redis.call('TIME')
+return redis.call('ZRANGEBYSCORE', KEYS[1], tonumber(t[1]) + tonumber(t[2]) / 1000000 - tonumber(ARGV[1]), '+inf')
 """
 
 
@@ -314,9 +321,25 @@ class JobStore:
         return sorted(announced | queued | set(self.settings.served_model_ids))
 
     def announce(self, spec: ModelSpec, worker: str) -> None:
-        """A worker's heartbeat: its model is online while beats keep coming (timed by Redis, _ANNOUNCE)."""
-        model_keys = [keys.spec(spec.id), keys.since(spec.id), keys.MODELS, keys.workers(spec.id)]
-        self.r.eval(_ANNOUNCE, 4, *model_keys, spec.model_dump_json(), spec.id, worker, self._offline_after())
+        """A worker's heartbeat: its model is online while beats keep coming (timed by Redis, _ANNOUNCE), and its
+        pool's K5_PARALLEL layout with it."""
+        model_keys = [
+            keys.spec(spec.id),
+            keys.since(spec.id),
+            keys.MODELS,
+            keys.workers(spec.id),
+            keys.layouts(spec.id),
+        ]
+        self.r.eval(
+            _ANNOUNCE,
+            5,
+            *model_keys,
+            spec.model_dump_json(),
+            spec.id,
+            worker,
+            self._offline_after(),
+            self.settings.parallel,
+        )
 
     def retire(self, spec: ModelSpec, worker: str) -> None:
         self.r.zrem(keys.workers(spec.id), worker)
@@ -358,9 +381,14 @@ class JobStore:
 
     # -- /v1/models (service/gateway/roster.py reads this at most once per heartbeat) -------------------------------
 
-    def model_states(self) -> builtins.list[tuple[ModelSpec, int, int]]:
+    def model_layouts(self) -> dict[str, builtins.list[str]]:
+        """model -> the K5_PARALLEL layouts of its pools online now ("none": one GPU per worker)."""
+        return {state[0].id: state[3] for state in self.model_states() if state[3]}
+
+    def model_states(self) -> builtins.list[tuple[ModelSpec, int, int, builtins.list[str]]]:
         """Every model the catalogue, the settings or a worker names (announced specs first), each with its workers
-        online and since when it is served (unix seconds, 0 for never), in two round trips."""
+        online, since when it is served (unix seconds, 0 for never) and its pools' parallel layouts, in two round
+        trips."""
         announced = sorted(keys.text(m) for m in self.r.smembers(keys.MODELS))
         ids = list(dict.fromkeys([*announced, *self.settings.served_model_ids, *CATALOGUE]))
         with self.r.pipeline(transaction=False) as pipe:
@@ -368,11 +396,12 @@ class JobStore:
                 pipe.get(keys.spec(m))
                 pipe.eval(_ONLINE, 1, keys.workers(m), self._offline_after())
                 pipe.get(keys.since(m))
+                pipe.eval(_LAYOUTS, 1, keys.layouts(m), self._offline_after())
             replies = pipe.execute()
         states = []
         for i, m in enumerate(ids):
-            raw, workers, since = replies[3 * i : 3 * i + 3]
+            raw, workers, since, layouts = replies[4 * i : 4 * i + 4]
             spec = ModelSpec.model_validate_json(raw) if raw else find_spec(m)
             if spec is not None:
-                states.append((spec, int(workers), int(since or 0)))
+                states.append((spec, int(workers), int(since or 0), sorted(keys.text(x) for x in layouts)))
         return states

@@ -103,6 +103,11 @@ def workers(model: str) -> str:
     return f"k5:workers:{model}"
 
 
+def layouts(model: str) -> str:
+    # How the model's online pools spread a video over GPUs (K5_PARALLEL), scored by last heartbeat.
+    return f"k5:layouts:{model}"
+
+
 def timing(model: str) -> str:
     return f"k5:timing:{model}"
 

@@ -234,6 +234,11 @@ class ModelObject(BaseModel):
     attention: Literal["dense", "nabla"]
     online: bool = Field(description="A worker serving this model is up now.")
     workers: int = Field(description="Workers serving this model now.")
+    parallel: list[str] = Field(
+        default_factory=list,
+        description="k5serve extension: how the pools online spread one video over GPUs, as K5_PARALLEL writes it "
+        "('none': one GPU; 'cfg=2': guidance branches on two; 'sp=4': visual tokens over four; 'cfg=2,sp=4': eight).",
+    )
     description: str
 
 

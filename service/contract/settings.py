@@ -10,6 +10,8 @@ from urllib.parse import urlparse
 from pydantic import BeforeValidator, Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from service.contract import parallel as parallel_layout
+
 
 def _split(value: Any) -> Any:
     """A comma-separated setting (an environment variable) as its list, parsed once at start-up. Brackets are
@@ -183,6 +185,8 @@ class Settings(BaseSettings):
     # MagCache ratios, comma-separated cond/uncond pairs as in upstream's configs (magcache.mag_ratios); unset = the
     # model's own (the catalogue ships upstream's for the 50-step checkpoints).
     step_cache_mag_ratios: Annotated[list[float], NoDecode, BeforeValidator(_split)] = []
+    # One video on several GPUs of the node (service/contract/parallel.py): "cfg=2", "sp=4", "cfg=2,sp=4"; "none" = one.
+    parallel: str = "none"
 
     log_level: str = "INFO"
     # "json" for one JSON object per line (production), "text" for people.
@@ -201,6 +205,15 @@ class Settings(BaseSettings):
         else:
             raise ValueError("storage URL must be s3://bucket/prefix or file:///abs/dir")
         return v
+
+    @field_validator("parallel")
+    @classmethod
+    def _check_parallel(cls, v: str) -> str:
+        return parallel_layout.parse(v).describe()  # the canonical form; a bad one fails at start-up
+
+    @property
+    def layout(self) -> parallel_layout.Layout:
+        return parallel_layout.parse(self.parallel)
 
     @field_validator("model_aliases")
     @classmethod

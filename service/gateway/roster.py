@@ -21,6 +21,8 @@ class ModelState:
     workers: int
     # When a worker first served the model on this deployment (unix seconds; 0: never).
     since: int
+    # K5_PARALLEL layouts of the pools online ("none": one GPU per worker; "cfg=2,sp=4": 8 GPUs per video).
+    parallel: list[str]
 
 
 class Roster:

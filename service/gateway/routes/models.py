@@ -35,6 +35,7 @@ def _model_object(state: ModelState) -> ModelObject:
         attention=spec.attention,
         online=state.workers > 0,
         workers=state.workers,
+        parallel=state.parallel,
         description=spec.description,
     )
 
