@@ -11,6 +11,9 @@ Jobs (written only by service/contract/lifecycle.py):
   k5:lease:<id>          the owner token of the run in progress, with a short TTL that its worker's heartbeat
                          refreshes; an expired lease means the worker is gone
   k5:running             set of video ids with a run in progress: all the reaper has to look at
+  k5:demand:<model>      list of the model's video ids queued or running (in post-processing too): added at
+                         creation, removed when final. Its length is what KEDA scales the model's pool on (a
+                         Redis list, which KEDA's redis trigger counts; RQ's own list holds only waiting jobs)
   k5:expiry              sorted set video id -> expires_at of its stored assets
   k5:idem:<owner>:<hash> an Idempotency-Key (sha256) -> {fingerprint, video_id}
 Housekeeping:
@@ -61,6 +64,10 @@ def videos(owner: str) -> str:
 
 def inflight(owner: str) -> str:
     return f"k5:inflight:{owner}"
+
+
+def demand(model: str) -> str:
+    return f"k5:demand:{model}"
 
 
 def attempt(video_id: str) -> str:

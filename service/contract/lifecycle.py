@@ -109,6 +109,7 @@ class Lifecycle:
                     pipe.set(keys.video(rec.id), rec.model_dump_json())
                     pipe.zadd(keys.videos(rec.owner), {rec.id: 0})
                     pipe.sadd(inflight, rec.id)
+                    pipe.rpush(keys.demand(rec.model), rec.id)
                     if idem is not None:
                         pipe.set(idem.redis_key, idem.binding(rec.id), ex=IDEMPOTENCY_TTL_S)
                     self.store.enqueue(pipe, rec.model, rec.id, rec.id, description=f"video {rec.id}")
@@ -338,6 +339,7 @@ class Lifecycle:
         pipe.expire(keys.video(rec.id), ttl)
         pipe.expire(keys.attempt(rec.id), ttl)
         pipe.srem(keys.inflight(rec.owner), rec.id)
+        pipe.lrem(keys.demand(rec.model), 1, rec.id)
         if rec.status == "completed" and rec.expires_at is not None:
             # Registered with the completion itself: no stored video can escape the sweep.
             pipe.zadd(keys.EXPIRY, {rec.id: rec.expires_at})
