@@ -513,6 +513,7 @@ def test_worker_pods_alone_may_patch_pods_for_their_deletion_cost(case):
         env = env_of(pod["containers"][0])
         assert env["K5_POD_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
         assert env["K5_POD_NAMESPACE"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
+        assert env["K5_POSTPROCESS_JOBS"]["value"] == str(pool.get("postprocessJobs", 1))
     others = [d for name, d in deployments.items() if "-worker-" not in name]
     assert others and all(d["spec"]["template"]["spec"]["automountServiceAccountToken"] is False for d in others)
     (role,) = of_kind(docs, "Role").values()
