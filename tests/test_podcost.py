@@ -104,3 +104,34 @@ def test_nothing_is_sent_outside_a_cluster(tmp_path, account):
     assert PodCost.from_settings(Settings(), service_account=account) is None  # no pod name: not in a cluster
     named = Settings(pod_name="p", pod_namespace="ns")
     assert PodCost.from_settings(named, service_account=tmp_path / "none") is None  # no token mounted
+
+
+def test_the_heartbeat_marks_the_pod_busy_while_the_worker_holds_a_run(r, account, tmp_path):
+    from service.contract.jobs import JobStore, plan_job
+    from service.contract.lifecycle import Lifecycle
+    from service.contract.models import TINY
+    from service.contract.schemas import VideoCreate
+    from service.contract.storage import open_storage
+    from worker import runner
+    from worker.main import Heartbeat
+
+    spec = TINY["k5-tiny-t2v"]
+    settings = Settings(heartbeat_s=0.05, storage_url=f"file://{tmp_path / 'store'}")
+    store = JobStore(r, settings)
+    api = ApiServer()
+    pod = pod_cost(api, account)
+    ctx = runner.WorkerContext(store, open_storage(settings), None, "w1", 3600, pod=pod)
+    beat = Heartbeat(store, spec, "w1", settings.heartbeat_s, ctx, ctx.storage)
+    beat.start()
+    try:
+        wait_until(lambda: api.costs() == [str(IDLE_COST)], 10, "idle at the first beat")
+        rec = plan_job(VideoCreate(prompt="a fox"), spec, has_image=False)
+        Lifecycle(store).create(rec)
+        ctx.current = Lifecycle(store).start(rec.id, "w1", rec.id)  # what JobRun.run does at a job's start
+        wait_until(lambda: api.costs()[-1:] == [str(BUSY_COST)], 10, "busy while the run is held")
+        ctx.current = None
+        wait_until(lambda: api.costs() == [str(IDLE_COST), str(BUSY_COST), str(IDLE_COST)], 10, "idle again")
+    finally:
+        beat.stopped.set()
+        pod.stop()
+        api.shutdown()

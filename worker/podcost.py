@@ -44,6 +44,7 @@ class PodCost(threading.Thread):
         self._changed = threading.Event()
         self._lock = threading.Lock()
         self.stopped = threading.Event()
+        self._client: httpx.Client | None = None  # one for the thread: its TLS context is built once
 
     @classmethod
     def from_settings(cls, settings: Settings, service_account: Path = SERVICE_ACCOUNT) -> PodCost | None:
@@ -88,8 +89,9 @@ class PodCost(threading.Thread):
             "Content-Type": "application/merge-patch+json",
         }
         body = {"metadata": {"annotations": {ANNOTATION: str(cost)}}}
-        verify: str | bool = str(self.ca) if self.ca is not None else True
-        content = json.dumps(body).encode()
-        resp = httpx.patch(self.url, content=content, headers=headers, timeout=self.timeout_s, verify=verify)
+        if self._client is None:
+            verify: str | bool = str(self.ca) if self.ca is not None else True
+            self._client = httpx.Client(verify=verify, timeout=self.timeout_s)
+        resp = self._client.patch(self.url, content=json.dumps(body).encode(), headers=headers)
         resp.raise_for_status()
         log.info("pod deletion cost set", extra={"cost": cost})
