@@ -2,21 +2,19 @@
 
 Jobs run one after another on a thread each, as the RQ loop would run them. The one fake sits in the storage
 seam: the first upload of the first job waits for the test to let it go, so that the test can look at the worker
-while that job is still in post-processing.
+while that job is still in post-processing. The shutdown test runs the worker's own run() instead, with an object
+store that does not answer.
 """
 
 from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import threading
 
 import pytest
-import redis
 
-from service.console.localstack import free_port, stop_process
+from service.console.localstack import free_port
 from service.contract.jobs import JobStore, plan_job
 from service.contract.keys import lease as lease_key
 from service.contract.lifecycle import Lifecycle
@@ -24,8 +22,9 @@ from service.contract.models import resolve_model
 from service.contract.schemas import VideoCreate
 from service.contract.settings import Settings
 from service.contract.storage import open_storage
-from tests.conftest import ROOT, stored
+from tests.conftest import stored
 from tests.waiting import wait_until
+from worker import main as worker_main
 from worker import runner
 from worker.main import Heartbeat
 from worker.pipeline import VideoPipeline
@@ -152,47 +151,33 @@ def test_cancel_in_post_processing_stores_nothing_and_shutdown_requeues_a_waitin
     assert stored(storage.real, first) == []  # what it had uploaded was deleted
 
 
-@pytest.mark.slow
-def test_sigterm_waits_for_the_job_in_post_processing(redis_server, s3_server, tiny_models, tmp_path):
-    """A real worker process: SIGTERM while its job uploads in the background. The job is settled before the
-    process exits; without the drain it would be left in_progress for its lease to lapse."""
-    url = redis_server.url.replace("/0", "/3")  # a database of its own: no other worker takes this job
-    r = redis.Redis.from_url(url)
-    r.flushdb()
-    store = JobStore(r, Settings(redis_url=url, heartbeat_s=1))
-    spec = resolve_model(str(tiny_models["t2v"]))
-    env = {
-        **os.environ,
-        **s3_server.env,
-        "K5_MODEL": str(tiny_models["t2v"]),
-        "K5_REDIS_URL": url,
-        "K5_HEARTBEAT_S": "1",
-        "K5_METRICS_PORT": str(free_port()),
-        # Nothing listens there: the upload retries for the window, then the job fails storage_error.
-        "K5_STORAGE_URL": "s3://k5test/drain",
-        "K5_S3_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}",
-        "K5_STORAGE_RETRY_WINDOW_S": "8",
-        "HF_HUB_OFFLINE": "1",
-        "PYTHONUNBUFFERED": "1",
-    }
-    log = tmp_path / "worker.log"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "worker"],
-        env=env,
-        cwd=ROOT,
-        stdout=log.open("ab"),
-        stderr=subprocess.STDOUT,
+def test_sigterm_waits_for_the_job_in_post_processing(r, s3_settings, tiny_models):
+    """The worker's own run() (loading, RQ loop, shutdown), in this process: SIGTERM while its job uploads in the
+    background. The job is settled before run() returns; without the drain it would be left in_progress."""
+    conn = r.connection_pool.connection_kwargs  # the test's own database, on the session's Redis
+    settings = s3_settings.model_copy(
+        update={
+            "model": str(tiny_models["t2v"]),
+            "redis_url": f"redis://127.0.0.1:{conn['port']}/{conn['db']}",
+            "worker_name": "drain-test",
+            "metrics_port": 0,
+            "heartbeat_s": 0.2,
+            # Nothing listens there: the upload retries for the window, then the job fails storage_error.
+            "s3_endpoint_url": f"http://127.0.0.1:{free_port()}",
+            "storage_retry_window_s": 4.0,
+        }
     )
-    try:
-        wait_until(lambda: store.workers_online(spec.id), 120, "worker online", log)
-        video_id = job(store, spec, "a fox")
+    store = JobStore(r, settings)
+    video_id = job(store, resolve_model(settings.model), "a fox")
+
+    def stop_while_uploading() -> None:
         # 97: the upload phase (worker/runner.py PHASE), reached on the post-processing thread.
-        wait_until(lambda: store.get(video_id).progress >= 97, 120, "the job uploading in the background", log)
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(60) == 0
-        rec = store.get(video_id)
-        assert rec.status == "failed" and rec.error.code == "storage_error", rec
-        assert "finishing post-processing" in log.read_text()
-    finally:
-        stop_process(proc)
-        r.flushdb()
+        wait_until(lambda: store.get(video_id).progress >= 97, 120, "the job uploading in the background")
+        os.kill(os.getpid(), signal.SIGTERM)  # RQ's handler, installed by the worker loop, takes it
+
+    watcher = threading.Thread(target=stop_while_uploading, daemon=True)
+    watcher.start()
+    worker_main.run(settings)
+    watcher.join(5)
+    rec = store.get(video_id)
+    assert rec.status == "failed" and rec.error.code == "storage_error", rec
