@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from service.cli import main as cli
+from service.contract import keys
 from service.contract.models import CATALOGUE
 from service.contract.settings import Settings
 from tests.conftest import ROOT
@@ -168,7 +169,9 @@ def test_pods_run_locked_down_and_take_secrets_from_secret_refs(case):
     for workload in workloads:
         pod = workload["spec"]["template"]["spec"]
         assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] != 0
-        assert pod["automountServiceAccountToken"] is False
+        # A token only where a worker patches its own pod's deletion cost (the tests further down).
+        worker = workload["metadata"]["name"].startswith("k5-k5serve-worker-")
+        assert pod["automountServiceAccountToken"] is (worker and pod_cost(values))
         for container in pod["containers"]:
             sc = container["securityContext"]
             assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"]["drop"] == ["ALL"]
@@ -226,7 +229,8 @@ def test_keda_scales_scaled_pools_on_their_queue(case):
         assert so["apiVersion"] == "keda.sh/v1alpha1"
         assert so["spec"]["minReplicaCount"] == 0 and so["spec"]["maxReplicaCount"] >= 1
         (trigger,) = so["spec"]["triggers"]
-        assert trigger["type"] == "redis" and trigger["metadata"]["listName"] == f"rq:queue:{pool['modelId']}"
+        # Waiting plus running: the list the lifecycle keeps per model (service/contract/keys.py), not RQ's.
+        assert trigger["type"] == "redis" and trigger["metadata"]["listName"] == keys.demand(pool["modelId"])
         assert int(trigger["metadata"]["listLength"]) >= 1
         if values.get("redis", {}).get("bundled", True):
             assert trigger["metadata"]["address"] == "k5-k5serve-redis.k5serve.svc:6379"
@@ -381,6 +385,7 @@ def test_every_setting_is_documented():
 NOT_CHART_VALUES = {
     "K5_API_KEYS": "the keys come from a Secret mounted as K5_API_KEYS_FILE",
     "K5_STORAGE_MIN_FREE_MB": "a local-disk store's bound; the chart stores on S3",
+    "K5_KUBE_API_URL": "in a pod the API server is always kubernetes.default.svc; the setting is for tests",
     "K5_COMPILE_CACHE_DIR": "the compile cache volume is set through TORCHINDUCTOR_CACHE_DIR and TRITON_CACHE_DIR",
     **dict.fromkeys(
         "K5_ATTENTION_BACKEND K5_COMPILE_BACKEND K5_COMPILE_DYNAMIC K5_COMPILE_MODE K5_COMPILE_TRANSFORMER K5_DEVICE "
@@ -574,3 +579,60 @@ def test_worker_host_memory_follows_the_pools_model():
     assert resources("lite")["requests"] == {"cpu": "4", "memory": host["lite"]["request"]}
     assert resources("pro")["limits"] == {"memory": host["pro"]["limit"], "nvidia.com/gpu": 1}
     assert resources("own")["limits"]["memory"] == "128Gi" and resources("own")["requests"]["cpu"] == "8"
+
+
+def pod_cost(values: dict) -> bool:
+    defaults = DEFAULTS["workerDefaults"]["podDeletionCost"]
+    return values.get("workerDefaults", {}).get("podDeletionCost", defaults)["enabled"]
+
+
+def test_worker_pods_alone_may_patch_pods_for_their_deletion_cost(case):
+    values, docs = case
+    deployments = of_kind(docs, "Deployment")
+    sa = "k5-k5serve"
+    for pool in pools(values):
+        pod = deployments[f"k5-k5serve-worker-{pool['name']}"]["spec"]["template"]["spec"]
+        assert pod["serviceAccountName"] == sa and pod["automountServiceAccountToken"] is True
+        env = env_of(pod["containers"][0])
+        assert env["K5_POD_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+        assert env["K5_POD_NAMESPACE"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
+        assert env["K5_POSTPROCESS_JOBS"]["value"] == str(pool.get("postprocessJobs", 1))
+    others = [d for name, d in deployments.items() if "-worker-" not in name]
+    assert others and all(d["spec"]["template"]["spec"]["automountServiceAccountToken"] is False for d in others)
+    (role,) = of_kind(docs, "Role").values()
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["patch"]}]
+    (binding,) = of_kind(docs, "RoleBinding").values()
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": sa, "namespace": "k5serve"}]
+    if values.get("networkPolicy", {}).get("enabled", True):
+        egress = of_kind(docs, "NetworkPolicy")["k5-k5serve-worker"]["spec"]["egress"]
+        assert {"ports": [{"port": 443, "protocol": "TCP"}, {"port": 6443, "protocol": "TCP"}]} in egress
+
+
+def test_without_pod_deletion_cost_no_pod_gets_a_token():
+    docs = render({"workerDefaults": {"podDeletionCost": {"enabled": False}}})
+    for dep in of_kind(docs, "Deployment").values():
+        pod = dep["spec"]["template"]["spec"]
+        assert pod["automountServiceAccountToken"] is False
+        assert "K5_POD_NAME" not in env_of(pod["containers"][0])
+    assert not of_kind(docs, "Role") and not of_kind(docs, "RoleBinding")
+
+
+def test_checkpoints_shorten_a_busy_workers_grace_period_to_seconds():
+    pool = {"name": "lite", "model": "kandinsky-5.0-t2v-lite-sft-5s", "gpu": {"count": 1}}
+    values = {
+        "workerDefaults": {"checkpoints": {"enabled": True}},
+        "workers": [pool, pool | {"name": "own", "terminationGracePeriodSeconds": 600}],
+    }
+    docs = render(values)
+    deployments = of_kind(docs, "Deployment")
+    margin = DEFAULTS["workerDefaults"]["shutdownMarginSeconds"]
+    for name, grace in (
+        ("lite", DEFAULTS["workerDefaults"]["checkpoints"]["terminationGracePeriodSeconds"]),
+        ("own", 600),
+    ):
+        pod = deployments[f"k5-k5serve-worker-{name}"]["spec"]["template"]["spec"]
+        assert pod["terminationGracePeriodSeconds"] == grace < DEFAULTS["jobTimeoutSeconds"] or name == "own"
+        assert float(env_of(pod["containers"][0])["K5_SHUTDOWN_GRACE_S"]["value"]) == grace - margin
+    report = helm_python.lint(str(CHART), values, strict=True, kube_version=f"v{K8S}")
+    assert report["errors"] == []

@@ -10,7 +10,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import redis
 import torch
@@ -144,7 +143,7 @@ class Faulty:
         if fault == "nan":
             # Inside the pipeline: its own finiteness check must catch what the model produced.
             real_generate = self.real._generate
-            self.real._generate = lambda *a, **k: np.full_like(real_generate(*a, **k), np.nan)
+            self.real._generate = lambda *a, **k: torch.full_like(real_generate(*a, **k), float("nan"))
             try:
                 return self.real.generate(req, on_step)
             finally:

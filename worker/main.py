@@ -29,6 +29,8 @@ from service.contract.storage import Storage, open_storage
 from worker import parallel, runner
 from worker.parallel import Rank
 from worker.pipeline import VideoPipeline
+from worker.podcost import PodCost
+from worker.post import PostProcessor
 from worker.speed import ConfigError
 
 log = logging.getLogger(__name__)
@@ -55,8 +57,12 @@ class Heartbeat(threading.Thread):
         while not self.stopped.wait(self.interval):
             # Separate tries: a failing janitor pass must never cost the running job its lease.
             try:
-                if (current := self.ctx.current) is not None:
+                # The run generating and those encoding or uploading in the background (worker/post.py).
+                live = self.ctx.live_runs()
+                for current in live:
                     current.refresh()
+                if self.ctx.pod is not None:  # a missed change (an API server that was away) is sent again here
+                    self.ctx.pod.set_busy(bool(live))
                 self.store.announce(self.spec, self.worker_name)
             except Exception:  # Redis may be away for a while; keep beating
                 log.warning("heartbeat failed", exc_info=True)
@@ -78,7 +84,7 @@ class RecoveringWorker(SimpleWorker):
         # RQ's warm shutdown takes no new job and waits for the current one without limit; a Kubernetes grace
         # period would then SIGKILL it. Stop it at a step boundary (and requeue it) before that happens.
         self.shutdown_requested = True
-        if self.get_state() == WorkerStatus.BUSY:
+        if self.get_state() == WorkerStatus.BUSY or self.ctx.live_runs():
             log.info("shutdown requested: finishing the current job", extra={"grace_s": self.grace_s})
             timer = threading.Timer(self.grace_s, self.ctx.stop.set)
             timer.daemon = True
@@ -92,7 +98,11 @@ class RecoveringWorker(SimpleWorker):
         self.ctx.stop.set()
 
     def execute_job(self, job, queue) -> None:
+        if self.ctx.pod is not None:
+            self.ctx.pod.set_busy(True)  # before the job starts: a scale-down from now on spares this pod
         super().execute_job(job, queue)
+        if self.ctx.pod is not None:
+            self.ctx.pod.set_busy(bool(self.ctx.live_runs()))
         if self.ctx.fatal is not None:
             raise SystemExit(EXIT_DEVICE_LOST)
 
@@ -125,6 +135,12 @@ def run(settings: Settings, rank: Rank | None = None, on_ready: Callable[[], Non
     if rank is not None:
         pipeline = parallel.Leader(pipeline, rank)
     ctx = runner.WorkerContext(store, storage, pipeline, name, settings.asset_ttl_s)
+    if settings.postprocess_jobs:
+        ctx.post = PostProcessor(settings.postprocess_jobs)
+    if (pod := PodCost.from_settings(settings)) is not None:
+        pod.start()
+        pod.set_busy(False)
+        ctx.pod = pod
     runner.configure(ctx)
 
     store.announce(spec, name)
@@ -138,6 +154,10 @@ def run(settings: Settings, rank: Rank | None = None, on_ready: Callable[[], Non
     try:
         serve(settings, spec.id, name, ctx)
     finally:
+        if ctx.post is not None:
+            # Before the heartbeat stops: the runs encoding or uploading keep their leases until they are settled.
+            log.info("finishing post-processing", extra={"jobs": len(ctx.post.runs())})
+            ctx.post.close()
         heartbeat.stopped.set()
         try:
             store.retire(spec, name)

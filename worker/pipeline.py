@@ -25,6 +25,7 @@ from service.contract.models import TINY, ModelSpec, parse_size
 from service.contract.record import GenerationRequest
 from service.contract.settings import Settings
 from worker import attention, enhance, loader, sampling, speed
+from worker.frames import all_finite, to_uint8
 from worker.stats import GenerationStats
 from worker.stepcache import StepCacher
 from worker.textcache import DEFAULT_NEGATIVE_PROMPT, LRU, Placement, PromptEmbeds, TextEncoders
@@ -194,9 +195,10 @@ class VideoPipeline:
         finally:
             self._busy.release()
             self._count_recompiles()
-        if not np.isfinite(video).all():
+        # Checked and converted where the VAE decoded it (worker/frames.py): only uint8 crosses to the CPU.
+        if not all_finite(video):
             raise GenerationError("the model produced NaN or Inf values")
-        return (np.clip(video, 0.0, 1.0) * 255.0).round().astype(np.uint8)
+        return to_uint8(video)
 
     def _warm_bucket(self, req: GenerationRequest) -> None:
         # The VAE decode is warmed only on CUDA, where cuDNN picks conv algorithms per shape; on a CPU it has
@@ -204,9 +206,7 @@ class VideoPipeline:
         with self._busy:
             self._generate(req, None, decode=self.device.type == "cuda")
 
-    def _generate(
-        self, req: GenerationRequest, on_step: StepCallback | None, decode: bool
-    ) -> np.ndarray | torch.Tensor:
+    def _generate(self, req: GenerationRequest, on_step: StepCallback | None, decode: bool) -> torch.Tensor:
         self.last_stats = None
         cuda = self.device.type == "cuda"
         if cuda:
@@ -245,7 +245,7 @@ class VideoPipeline:
             num_inference_steps=req.num_inference_steps,
             guidance_scale=req.guidance_scale,
             generator=torch.Generator(device=self.device).manual_seed(req.seed),
-            output_type="np" if decode else "latent",
+            output_type="pt" if decode else "latent",
             callback_on_step_end=callback,
             max_sequence_length=self.settings.max_sequence_length,
             **positive.as_kwargs(),

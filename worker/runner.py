@@ -17,9 +17,11 @@ import logging
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import redis
 from PIL import Image
 
@@ -30,6 +32,8 @@ from service.contract.storage import Storage, StorageError, StorageFull
 from worker import encode
 from worker.meter import Meter
 from worker.pipeline import GenerationError, VideoPipeline
+from worker.podcost import PodCost
+from worker.post import PostProcessor, ShutdownWhileWaiting
 from worker.stats import GenerationStats
 
 log = logging.getLogger(__name__)
@@ -50,6 +54,10 @@ class StopForShutdown(Exception):
     """The worker's shutdown grace period is over: stop at this step boundary and requeue the job."""
 
 
+class HandedOff(Exception):
+    """The run's frames went to the post-processing stage (worker/post.py), which settles the job from now on."""
+
+
 class DeviceLost(Exception):
     """The accelerator is in an unrecoverable state: the process must exit so its supervisor restarts it."""
 
@@ -67,6 +75,16 @@ class WorkerContext:
     current: Run | None = None
     # An unrecoverable device error seen by a job: the worker loop exits non-zero after it.
     fatal: BaseException | None = None
+    # Encodes and uploads finished generations while the next job denoises; None: in line (K5_POSTPROCESS_JOBS=0).
+    post: PostProcessor | None = None
+    # Keeps the pod's deletion cost high while live_runs() is not empty (Kubernetes only; worker/podcost.py).
+    pod: PodCost | None = None
+
+    def live_runs(self) -> list[Run]:
+        """Every run this worker holds: the one generating and those in post-processing (their leases)."""
+        held = self.post.runs() if self.post is not None else []
+        current = self.current
+        return held + [current] if current is not None and all(r is not current for r in held) else held
 
     @property
     def lifecycle(self) -> Lifecycle:
@@ -97,6 +115,7 @@ class JobRun:
         self.video_id = video_id
         self.rq_job_id = rq_job_id or video_id
         self.uploading = False
+        self.t0 = time.perf_counter()
         self.log = logging.LoggerAdapter(log, {"video_id": video_id})
 
     def run(self) -> None:
@@ -112,11 +131,20 @@ class JobRun:
         self.meter = Meter(rec)
         model = rec.model
         metrics.PHASE_SECONDS.labels(model, "queue_wait").observe(max(0.0, started - rec.created_at))
-        t0 = time.perf_counter()
+        self.t0 = time.perf_counter()
+        self.settle(run, lambda: self._run(run))
+
+    def settle(self, run: Run, body: Callable[[], None]) -> None:
+        """The job's boundary: run `body` (the generation, or the post-processing handed over) and settle the job
+        by how it ended. Re-raises only a Redis outage, after which the lease settles it."""
+        model, t0 = run.record.model, self.t0
         # False while the job may still be in_progress under this run: then the lease, not this run, settles it.
         settled = True
         try:
-            self._run(run)
+            body()
+        except HandedOff:
+            settled = False  # the post-processing stage holds the run now and settles it there
+            return
         except Stopped as stop:
             # Whatever this run stored is nobody's: the job is final, gone, or another run stores its own files.
             self._delete_own(run)
@@ -156,7 +184,8 @@ class JobRun:
             self.ctx.pipeline.release_memory()
             return
         finally:
-            self.ctx.current = None
+            if self.ctx.current is run:
+                self.ctx.current = None
             if settled:
                 run.release()
         seconds = time.perf_counter() - t0
@@ -193,7 +222,22 @@ class JobRun:
         generate_s = time.perf_counter() - t_job
         stats = self._observe_generation(run, generate_s)
         self.log.info("generated", extra={"seconds": round(generate_s, 3), "frames": len(frames), **stats})
+        if (post := self.ctx.post) is None:
+            self._store(run, frames, t_job, stats)
+            return
+        # The stage holds the run's lease from here; only this thread ever sets or clears `current`.
+        self.ctx.current = None
+        try:
+            # Waits while the stage is full: the GPU then idles only for as long as the CPU is behind.
+            post.submit(run, lambda: self.settle(run, lambda: self._store(run, frames, t_job, stats)), self.ctx.stop)
+        except ShutdownWhileWaiting:
+            raise StopForShutdown from None
+        raise HandedOff
 
+    def _store(self, run: Run, frames: np.ndarray, t_job: float, stats: dict[str, float]) -> None:
+        """Encode, upload, complete: in line, or on the post-processing thread while the next job denoises."""
+        rec = run.record
+        storage = self.ctx.storage
         self.meter.enter("encode")
         self._progress(run, PHASE["encode"])
         t = time.perf_counter()

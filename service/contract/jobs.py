@@ -306,7 +306,9 @@ class JobStore:
                 oldest = now - rec.created_at if rec else 0.0
             stats[model] = {
                 "queued": queue.count,
-                "in_progress": queue.started_job_registry.count,
+                # Runs in progress, also those a worker encodes and uploads after its RQ job returned (worker/post.py):
+                # the model's jobs in flight less those waiting. RQ's started registry would miss the latter.
+                "in_progress": max(0, self.r.llen(keys.demand(model)) - queue.count),
                 "oldest_age_s": oldest,
                 "workers": self.workers_online(model),
             }

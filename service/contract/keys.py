@@ -12,6 +12,9 @@ Jobs (written only by service/contract/lifecycle.py):
   k5:lease:<id>          the owner token of the run in progress, with a short TTL that its worker's heartbeat
                          refreshes; an expired lease means the worker is gone
   k5:running             set of video ids with a run in progress: all the reaper has to look at
+  k5:demand:<model>      list of the model's video ids queued or running (in post-processing too): added at
+                         creation, removed when final. Its length is what KEDA scales the model's pool on (a
+                         Redis list, which KEDA's redis trigger counts; RQ's own list holds only waiting jobs)
   k5:expiry              sorted set video id -> when the janitor deletes its stored files: expires_at of a
                          completed video, the end of a failed one, job_timeout_s after a DELETE
   k5:idem:<owner>:<hash> an Idempotency-Key (sha256) -> {fingerprint, video_id}
@@ -68,6 +71,10 @@ def videos(owner: str) -> str:
 
 def inflight(owner: str) -> str:
     return f"k5:inflight:{owner}"
+
+
+def demand(model: str) -> str:
+    return f"k5:demand:{model}"
 
 
 def attempt(video_id: str) -> str:

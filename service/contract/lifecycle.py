@@ -133,6 +133,7 @@ class Lifecycle:
                     pipe.sadd(inflight, rec.id)
                     if rec.deadline_at is not None:
                         pipe.zadd(keys.DEADLINES, {rec.id: rec.deadline_at})
+                    pipe.rpush(keys.demand(rec.model), rec.id)
                     self.store.enqueue(pipe, rec.model, rec.id, rec.id, description=f"video {rec.id}")
                     pipe.execute()
                     break
@@ -431,6 +432,7 @@ class Lifecycle:
         pipe.expire(keys.attempt(rec.id), ttl)
         pipe.expire(keys.videos(rec.owner), ttl)  # the owner's index outlives each of its records
         pipe.srem(keys.inflight(rec.owner), rec.id)
+        pipe.lrem(keys.demand(rec.model), 1, rec.id)
         usage.count(pipe, rec, self.settings)
         # Registered with the end itself, so no stored file can escape the sweep: a completed video's at its
         # expires_at; a failed one's (an image-to-video input, what a lost run left) at once, as nothing reads them.

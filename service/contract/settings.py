@@ -136,6 +136,17 @@ class Settings(BaseSettings):
     max_attempts: int = Field(3, ge=1)
     # On SIGTERM a worker finishes its current job for up to this long, then stops it at a step and requeues it.
     shutdown_grace_s: float = Field(600.0, ge=0)
+    # Finished generations a worker encodes and uploads in the background while its next job denoises (the GPU
+    # never waits for the CPU); a job finishing while this many are still there waits for one (backpressure).
+    # 0 encodes and uploads in line, the GPU idle meanwhile.
+    postprocess_jobs: int = Field(1, ge=0, le=2)
+    # Kubernetes only: this worker's pod (downward API). When set, the worker keeps the pod's
+    # controller.kubernetes.io/pod-deletion-cost annotation high while it holds a job and low while idle, so that
+    # a scale-down removes idle pods first. Unset (outside a cluster): nothing is annotated.
+    pod_name: str | None = None
+    pod_namespace: str | None = None
+    # The Kubernetes API server, as pods see it.
+    kube_api_url: str = "https://kubernetes.default.svc"
     # Port of the worker's and webhook process's own HTTP server: /metrics, /healthz, /readyz (0 disables).
     metrics_port: int = Field(9400, ge=0, le=65535)
 

@@ -38,6 +38,11 @@ app.kubernetes.io/component: {{ .component }}
 {{- define "k5serve.podCommon" -}}
 serviceAccountName: {{ include "k5serve.serviceAccountName" . }}
 automountServiceAccountToken: false
+{{ include "k5serve.podCommonRest" . }}
+{{- end -}}
+
+{{/* podCommon without the service account: for worker pods, which may use their own. */}}
+{{- define "k5serve.podCommonRest" -}}
 enableServiceLinks: false
 securityContext: {{- toYaml .Values.podSecurityContext | nindent 2 }}
 {{- with .Values.image.pullSecrets }}
@@ -146,6 +151,10 @@ imagePullSecrets:
 {{- range $k, $v := .pool }}{{- $_ := set $pool $k $v }}{{- end -}}
 {{- if .pool.probes -}}
 {{- $_ := set $pool "probes" (mergeOverwrite (deepCopy $defaults.probes) (deepCopy .pool.probes)) -}}
+{{- end -}}
+{{- if and (kindIs "invalid" $pool.terminationGracePeriodSeconds) $pool.checkpoints.enabled -}}
+{{- /* A stopped job resumes from its checkpoint elsewhere: the pod needs seconds to stop, not the job's bound. */ -}}
+{{- $_ := set $pool "terminationGracePeriodSeconds" $pool.checkpoints.terminationGracePeriodSeconds -}}
 {{- end -}}
 {{- if kindIs "invalid" $pool.terminationGracePeriodSeconds -}}
 {{- $_ := set $pool "terminationGracePeriodSeconds" (add .root.Values.jobTimeoutSeconds $pool.shutdownMarginSeconds) -}}
