@@ -26,6 +26,7 @@ from service.contract.recovery import Recovery
 from service.contract.settings import Settings
 from service.contract.storage import Storage, open_storage
 from worker import runner
+from worker.checkpoint import Checkpoints
 from worker.pipeline import VideoPipeline
 from worker.speed import ConfigError
 
@@ -118,7 +119,10 @@ def run(settings: Settings) -> None:
     except ConfigError as e:  # a configuration that cannot work on this device: one line naming the fix
         raise SystemExit(f"K5_MODEL={settings.model}: {e}") from None
     pipeline.warm()
-    ctx = runner.WorkerContext(store, storage, pipeline, name, settings.asset_ttl_s)
+    ckpts = Checkpoints(
+        storage, spec.id, settings.checkpoint_every_steps, settings.checkpoint_on_shutdown, settings.checkpoint_ttl_s
+    )
+    ctx = runner.WorkerContext(store, storage, pipeline, name, settings.asset_ttl_s, checkpoints=ckpts)
     runner.configure(ctx)
 
     store.announce(spec, name)

@@ -27,7 +27,7 @@ from service.contract import metrics
 from service.contract.jobs import VARIANTS, JobStore, asset_key
 from service.contract.lifecycle import Lifecycle, Outcome, Run
 from service.contract.storage import Storage, StorageError, StorageFull
-from worker import encode
+from worker import checkpoint, encode
 from worker.pipeline import GenerationError, VideoPipeline
 from worker.stats import GenerationStats
 
@@ -66,6 +66,8 @@ class WorkerContext:
     current: Run | None = None
     # An unrecoverable device error seen by a job: the worker loop exits non-zero after it.
     fatal: BaseException | None = None
+    # Saves running jobs' denoising state and resumes requeued ones (worker/checkpoint.py); None: never.
+    checkpoints: checkpoint.Checkpoints | None = None
 
     @property
     def lifecycle(self) -> Lifecycle:
@@ -121,6 +123,7 @@ class JobRun:
             if stop.outcome is Outcome.NOT_OWNER:
                 self.log.warning("job lost: another run owns it now")
             else:
+                self._delete_checkpoint()
                 self.log.info("job cancelled while running", extra={"seconds": round(time.perf_counter() - t0, 3)})
                 metrics.JOBS.labels(model, "cancelled").inc()
             self.ctx.pipeline.release_memory()
@@ -147,6 +150,7 @@ class JobRun:
             self.log.exception("job failed", extra={"code": code})
             if self.uploading:
                 self._delete_own(run)  # no half-stored video
+            self._delete_checkpoint()  # the job is over: nothing will resume it
             if run.fail(code, message) is Outcome.NOT_OWNER:
                 self.log.warning("job lost before its failure was recorded")
             metrics.JOBS.labels(model, "failed").inc()
@@ -160,6 +164,10 @@ class JobRun:
         seconds = time.perf_counter() - t0
         metrics.JOBS.labels(model, "completed").inc()
         self.log.info("job completed", extra={"seconds": round(seconds, 3)})
+
+    def _delete_checkpoint(self) -> None:
+        if self.ctx.checkpoints is not None:
+            self.ctx.checkpoints.delete(self.video_id)
 
     def _delete_own(self, run: Run) -> None:
         """Delete what this run stored (its own prefix, never another run's files)."""
@@ -184,7 +192,7 @@ class JobRun:
             self._progress(run, PHASE["denoise"] + span * done // max(total, 1))
 
         t_job = time.perf_counter()
-        frames = self.ctx.pipeline.generate(req, on_step)
+        frames = self.ctx.pipeline.generate(req, on_step, **self._checkpointing(run, req))
         generate_s = time.perf_counter() - t_job
         stats = self._observe_generation(run, generate_s)
         self.log.info("generated", extra={"seconds": round(generate_s, 3), "frames": len(frames), **stats})
@@ -216,6 +224,37 @@ class JobRun:
         outcome = run.complete(expires_at=int(time.time()) + self.ctx.asset_ttl_s)
         if outcome is not Outcome.DONE:
             raise Stopped(outcome)
+        self._delete_checkpoint()
+
+    def _checkpointing(self, run: Run, req) -> dict:
+        """The generate() arguments that resume this job from its checkpoint and save its state at the due
+        steps; none without checkpoints."""
+        ckpts = self.ctx.checkpoints
+        if ckpts is None:
+            return {}
+        fp = checkpoint.fingerprint(self.ctx.pipeline, req)
+        resume = ckpts.load(self.video_id, fp, req.num_inference_steps)
+        start = resume.step if resume is not None else None
+        # Where this run starts, on the record (the video object shows it, usage counts the steps it saved).
+        if (outcome := run.progress(resumed_from_step=start)) is not Outcome.DONE:
+            raise Stopped(outcome)
+        if start is not None:
+            ckpts.resumed(start)
+        span = PHASE["decode"] - PHASE["denoise"]
+
+        def on_state(state: checkpoint.DenoiseState) -> None:
+            # Read before this step's on_step, which raises StopForShutdown when the same flag is set: the state
+            # of the step the job stops at is stored first, so SIGTERM costs at most the step in flight.
+            if not ckpts.due(state.step, state.total, self.ctx.stop.is_set()):
+                return
+            # Ownership first: a run that lost its job must not replace the state of the run that owns it now.
+            self._progress(run, PHASE["denoise"] + span * state.step // max(state.total, 1))
+            try:
+                ckpts.save(self.video_id, state, fp)
+            except Exception:  # noqa: BLE001 - a checkpoint that cannot be stored costs steps, never the job
+                self.log.warning("checkpoint not stored", extra={"step": state.step}, exc_info=True)
+
+        return {"resume": resume, "on_state": on_state}
 
     def _observe_generation(self, run: Run, generate_s: float) -> dict[str, float]:
         """Export the pipeline's per-phase figures; fall back to the whole call when it has none. Returns the

@@ -79,6 +79,8 @@ class JobRecord(BaseModel):
     # Storage prefix of the run that completed the video: each run writes under its own prefix, so a run that
     # lost its job can neither overwrite nor delete what the run that completed it stored. None: `<id>/` (v1).
     assets: str | None = None
+    # The step the current (or last) run resumed from a checkpoint at, so the steps it saved; None: from step 0.
+    resumed_from_step: int | None = None
 
     def public(self, **live: Any) -> Video:
         """The public video object; `live` adds the fields computed on read (queue position, ETA)."""
@@ -101,6 +103,7 @@ class JobRecord(BaseModel):
             guidance_scale=self.guidance_scale,
             metadata=self.metadata,
             enhanced_prompt=self.enhanced_prompt,
+            resumed_from_step=self.resumed_from_step,
             **live,
         )
 
