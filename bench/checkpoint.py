@@ -59,7 +59,7 @@ def sigterm_to_stored(steps: int, stops: int) -> list[dict]:
             stop, stored, sent = threading.Event(), [], []
             at = rnd.uniform(0.3, 0.7) * steps * step_s  # somewhere inside a step in the middle of the run
 
-            def on_state(state, stop=stop, stored=stored) -> None:
+            def on_state(state, stop=stop, stored=stored, n=n) -> None:
                 if ckpts.due(state.step, state.total, stop.is_set()):
                     size = ckpts.save(f"video_{n}", state, fp)
                     stored.append((time.perf_counter(), state.step, size))
