@@ -12,6 +12,7 @@ from PIL import Image
 
 from service.contract.models import resolve_model
 from service.contract.settings import Settings
+from service.contract.storage import LocalStorage
 from worker import checkpoint
 from worker.checkpoint import DenoiseState
 from worker.pipeline import GenerationRequest, VideoPipeline
@@ -106,3 +107,36 @@ def test_a_checkpoint_of_another_request_or_model_is_refused(t2v, tiny_models):
     other = VideoPipeline.load(Settings(sampling_grid="diffusers"), resolve_model(str(tiny_models["t2v"])))
     assert checkpoint.deserialise(data, checkpoint.fingerprint(other, req), STEPS, 3600)[0] is None
     assert checkpoint.deserialise(data, checkpoint.fingerprint(t2v, req), STEPS, 0)[1] == "older than checkpoint_ttl_s"
+
+
+def test_checkpoint_storage_layout_refusal_and_deletion(t2v, tmp_path):
+    storage = LocalStorage(tmp_path)
+    ckpts = checkpoint.Checkpoints(storage, "k5-tiny-t2v", every_steps=2, on_shutdown=True, ttl_s=3600)
+    req = request()
+    fp = checkpoint.fingerprint(t2v, req)
+    video = "video_abc"
+    data = stopped_at(t2v, req, STOP_AT)
+    storage.put_bytes(checkpoint.checkpoint_key(video), data, "application/octet-stream")
+    # A run's cleanup of its own prefix keeps it: the next run reads it.
+    storage.put_bytes(f"{video}/run-1234/video.mp4", b"x", "video/mp4")
+    storage.delete_prefix(f"{video}/run-1234")
+    resume = ckpts.load(video, fp, STEPS)
+    assert resume is not None and resume.step == STOP_AT
+    # Refused (another request): deleted, so no later run tries it again.
+    assert ckpts.load(video, checkpoint.fingerprint(t2v, dataclasses.replace(req, seed=1)), STEPS) is None
+    assert not storage.exists(checkpoint.checkpoint_key(video))
+    # It is the video's data: deleting the video's prefix (DELETE, expiry) removes it.
+    storage.put_bytes(checkpoint.checkpoint_key(video), data, "application/octet-stream")
+    storage.delete_prefix(video)
+    assert ckpts.load(video, fp, STEPS) is None
+    # Due at SIGTERM and every every_steps, never after the last step.
+    assert [s for s in range(STEPS + 1) if ckpts.due(s, STEPS, False)] == [2, 4]
+    assert ckpts.due(1, STEPS, True) and not ckpts.due(STEPS, STEPS, True)
+
+
+def test_real_shape_sizes_follow_the_vae_compression():
+    from bench.checkpoint import real_shape_sizes
+
+    five, ten = real_shape_sizes()
+    assert five["latents_shape"] == [1, 31, 64, 96, 33] and ten["latents_shape"] == [1, 61, 64, 96, 33]
+    assert five["latents_mb"] < five["checkpoint_mb"] < ten["checkpoint_mb"]
