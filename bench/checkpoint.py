@@ -59,13 +59,18 @@ def sigterm_to_stored(steps: int, stops: int) -> list[dict]:
             stop, stored, sent = threading.Event(), [], []
             at = rnd.uniform(0.3, 0.7) * steps * step_s  # somewhere inside a step in the middle of the run
 
-            def on_state(state, stop=stop, stored=stored, n=n) -> None:
-                if ckpts.due(state.step, state.total, stop.is_set()):
-                    size = ckpts.save(f"video_{n}", state, fp)
-                    stored.append((time.perf_counter(), state.step, size))
+            latest: list = []
 
-            def on_step(done: int, total: int, stop=stop) -> None:
+            # As worker/runner.py does: the state callback keeps each step's state, and the step callback that
+            # follows it stores it and stops once the flag is set.
+            def on_state(state, latest=latest) -> None:
+                latest[:] = [state]
+
+            def on_step(done: int, total: int, stop=stop, stored=stored, latest=latest, n=n) -> None:
                 if stop.is_set():
+                    if latest and ckpts.due(done, total, stopping=True):
+                        size = ckpts.save(f"video_{n}", latest[0], fp)
+                        stored.append((time.perf_counter(), done, size))
                     raise InterruptedError
 
             def sigterm(stop=stop, sent=sent) -> None:

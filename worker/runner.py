@@ -99,6 +99,11 @@ class JobRun:
         self.rq_job_id = rq_job_id or video_id
         self.uploading = False
         self.log = logging.LoggerAdapter(log, {"video_id": video_id})
+        # Checkpointing (worker/checkpoint.py): the run, its fingerprint, the state of the last step that ended.
+        self._ckpt_run: Run | None = None
+        self._fingerprint = ""
+        self._latest_state: checkpoint.DenoiseState | None = None
+        self._saved_step = -1
 
     def run(self) -> None:
         started = time.time()
@@ -188,6 +193,7 @@ class JobRun:
         def on_step(done: int, total: int) -> None:
             # Every step reads the record: a cancelled or deleted job stops here, within one step.
             if self.ctx.stop.is_set():
+                self._save_at_stop(done)
                 raise StopForShutdown
             self._progress(run, PHASE["denoise"] + span * done // max(total, 1))
 
@@ -226,33 +232,46 @@ class JobRun:
             raise Stopped(outcome)
         self._delete_checkpoint()
 
+    def _save_at_stop(self, done: int) -> None:
+        """At SIGTERM: store the state of the step that just ended, so the job loses nothing but the step."""
+        latest = self._latest_state
+        if self.ctx.checkpoints is None or latest is None or latest.step != done or done == self._saved_step:
+            return  # before the first step, already stored as a periodic one, or without checkpoints
+        if self.ctx.checkpoints.due(done, latest.total, stopping=True):
+            self._store_checkpoint(latest)
+
+    def _store_checkpoint(self, state: checkpoint.DenoiseState) -> None:
+        assert self.ctx.checkpoints is not None and self._ckpt_run is not None
+        span = PHASE["decode"] - PHASE["denoise"]
+        # Ownership first: a run that lost its job must not replace the state of the run that owns it now.
+        self._progress(self._ckpt_run, PHASE["denoise"] + span * state.step // max(state.total, 1))
+        try:
+            self.ctx.checkpoints.save(self.video_id, state, self._fingerprint)
+            self._saved_step = state.step
+        except Exception:  # noqa: BLE001 - a checkpoint that cannot be stored costs steps, never the job
+            self.log.warning("checkpoint not stored", extra={"step": state.step}, exc_info=True)
+
     def _checkpointing(self, run: Run, req) -> dict:
         """The generate() arguments that resume this job from its checkpoint and save its state at the due
         steps; none without checkpoints."""
         ckpts = self.ctx.checkpoints
         if ckpts is None:
             return {}
-        fp = checkpoint.fingerprint(self.ctx.pipeline, req)
-        resume = ckpts.load(self.video_id, fp, req.num_inference_steps)
+        self._ckpt_run, self._fingerprint = run, checkpoint.fingerprint(self.ctx.pipeline, req)
+        resume = ckpts.load(self.video_id, self._fingerprint, req.num_inference_steps)
         start = resume.step if resume is not None else None
         # Where this run starts, on the record (the video object shows it, usage counts the steps it saved).
         if (outcome := run.progress(resumed_from_step=start)) is not Outcome.DONE:
             raise Stopped(outcome)
         if start is not None:
             ckpts.resumed(start)
-        span = PHASE["decode"] - PHASE["denoise"]
 
         def on_state(state: checkpoint.DenoiseState) -> None:
-            # Read before this step's on_step, which raises StopForShutdown when the same flag is set: the state
-            # of the step the job stops at is stored first, so SIGTERM costs at most the step in flight.
-            if not ckpts.due(state.step, state.total, self.ctx.stop.is_set()):
-                return
-            # Ownership first: a run that lost its job must not replace the state of the run that owns it now.
-            self._progress(run, PHASE["denoise"] + span * state.step // max(state.total, 1))
-            try:
-                ckpts.save(self.video_id, state, fp)
-            except Exception:  # noqa: BLE001 - a checkpoint that cannot be stored costs steps, never the job
-                self.log.warning("checkpoint not stored", extra={"step": state.step}, exc_info=True)
+            # Kept for on_step, which runs next in the same step end (before the latents change again) and
+            # stores it when SIGTERM's flag is set by then.
+            self._latest_state = state
+            if ckpts.due(state.step, state.total, stopping=False):
+                self._store_checkpoint(state)
 
         return {"resume": resume, "on_state": on_state}
 
