@@ -3,15 +3,12 @@ another worker with the frames of an uninterrupted run (real Redis, SeaweedFS, w
 
 from __future__ import annotations
 
-import io
 import os
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
-import av
-import numpy as np
 import pytest
 import redis
 
@@ -40,10 +37,13 @@ def start_worker(env: dict[str, str], log: Path, name: str, **extra: str) -> sub
     )
 
 
-def frames_of(storage: S3Storage, prefix: str) -> np.ndarray:
-    data = storage.get_bytes(asset_key(prefix, "video.mp4"))
-    with av.open(io.BytesIO(data)) as container:
-        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+def frames_of(storage: S3Storage, prefix: str) -> bytes:
+    """The generated frames as stored without loss of determinism: the spritesheet (16 of the 25 frames at full
+    size, JPEG) and the thumbnail (the middle frame, WebP). The MP4 is not compared: libx264 as PyAV drives it
+    encodes identical frames into one of two different streams from run to run (seen here: 2 distinct files in
+    30 encodes of the same frames, decoding to 11 of 25 equal frames), which is what made a rerun look different
+    from a fresh run; the frames themselves are byte-identical (tests/test_resume_state.py)."""
+    return b"".join(storage.get_bytes(asset_key(prefix, name)) for name in ("spritesheet.jpg", "thumbnail.webp"))
 
 
 @pytest.fixture
@@ -88,9 +88,7 @@ def test_jobs_stopped_by_sigkill_or_sigterm_resume_elsewhere_with_the_frames_of_
         return job
 
     def same_frames(resumed, fresh) -> None:
-        a, b = frames_of(storage, resumed.asset_prefix), frames_of(storage, fresh.asset_prefix)
-        equal = sum(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
-        assert equal == len(b), f"{equal} of {len(b)} frames equal"
+        assert frames_of(storage, resumed.asset_prefix) == frames_of(storage, fresh.asset_prefix)
 
     try:
         wait_until(lambda: store.workers_online(spec.id) == 2, 180, "workers online", *logs.values())
