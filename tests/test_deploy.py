@@ -152,8 +152,13 @@ def test_workers_get_gpus_probes_and_a_grace_period_covering_a_job(case):
         grace = pod["terminationGracePeriodSeconds"]
         shutdown = float(env["K5_SHUTDOWN_GRACE_S"]["value"])
         assert grace == pool.get("terminationGracePeriodSeconds", grace) and 0 < grace - shutdown <= 120
+        assert job_timeout == int(env["K5_JOB_TIMEOUT_S"]["value"])
         if "terminationGracePeriodSeconds" not in pool:
-            assert grace >= job_timeout == int(env["K5_JOB_TIMEOUT_S"]["value"])
+            # With checkpoints (the default) a stopped job resumes elsewhere: seconds, not the job's bound.
+            checkpoints = pool.get("checkpoints", {}).get("enabled", True)
+            want = DEFAULTS["workerDefaults"]["checkpoints"]["terminationGracePeriodSeconds"] if checkpoints else None
+            assert grace == want if checkpoints else grace >= job_timeout
+            assert env["K5_CHECKPOINT_ON_SHUTDOWN"]["value"] == str(checkpoints).lower()
         # Both caches are volumes; the compile cache is where TorchInductor writes.
         mounts = {m["mountPath"]: m["name"] for m in worker["volumeMounts"]}
         assert env["TORCHINDUCTOR_CACHE_DIR"]["value"].startswith("/cache/") and mounts["/cache"] == "compile-cache"

@@ -27,6 +27,7 @@ from service.contract.recovery import Recovery
 from service.contract.settings import Settings
 from service.contract.storage import Storage, open_storage
 from worker import parallel, runner
+from worker.checkpoint import Checkpoints
 from worker.parallel import Rank
 from worker.pipeline import VideoPipeline
 from worker.podcost import PodCost
@@ -134,7 +135,10 @@ def run(settings: Settings, rank: Rank | None = None, on_ready: Callable[[], Non
     pipeline.warm()
     if rank is not None:
         pipeline = parallel.Leader(pipeline, rank)
-    ctx = runner.WorkerContext(store, storage, pipeline, name, settings.asset_ttl_s)
+    ckpts = Checkpoints(
+        storage, spec.id, settings.checkpoint_every_steps, settings.checkpoint_on_shutdown, settings.checkpoint_ttl_s
+    )
+    ctx = runner.WorkerContext(store, storage, pipeline, name, settings.asset_ttl_s, checkpoints=ckpts)
     if settings.postprocess_jobs:
         ctx.post = PostProcessor(settings.postprocess_jobs)
     if (pod := PodCost.from_settings(settings)) is not None:

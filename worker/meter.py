@@ -37,6 +37,7 @@ class Meter:
         """The pipeline's synchronised figures of the generation that just returned."""
         self.seconds.update(text_encode=stats.text_encode_s, denoise=stats.denoise_s, decode=stats.decode_s)
         self.steps = stats.steps
+        self.steps_resumed = stats.resumed_from_step
         self._phase = None  # the decode that was open is in the figures now
 
     def usage(self) -> VideoUsage:

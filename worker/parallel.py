@@ -199,11 +199,15 @@ class Leader:
     def __getattr__(self, name: str):
         return getattr(self.video, name)
 
-    def generate(self, req: GenerationRequest, on_step=None) -> np.ndarray:
-        self.rank.send("job", req)
+    def generate(self, req: GenerationRequest, on_step=None, resume=None, on_state=None) -> np.ndarray:
+        # A resumed job goes on from the checkpoint's step on every rank (the same latents, scheduler, generator
+        # and step-cache state); only rank 0 saves checkpoints (on_state), as it alone holds the job's lease.
+        self.rank.send("job", (req, resume))
         self._followers = "control"
+        # At each job's start, not at step 0: a resumed job's first step is the checkpoint's.
+        _reset_guidance(self.video)
         try:
-            return self.video.generate(req, self._step(on_step))
+            return self.video.generate(req, self._step(on_step), resume=resume, on_state=on_state)
         except BaseException as e:
             if self._followers == "control":
                 self.rank.send("abort")
@@ -216,8 +220,6 @@ class Leader:
 
     def _step(self, on_step):
         def step(done: int, total: int) -> None:
-            if done == 0:
-                _reset_guidance(self.video)
             try:
                 if on_step is not None:
                     on_step(done, total)
@@ -245,22 +247,22 @@ def follow(video, rank: Rank) -> None:
     """A follower's loop: run each job rank 0 sends, stopping where it stops, until it says exit."""
 
     def step(done: int, total: int) -> None:
-        if done == 0:
-            _reset_guidance(video)
         kind, _ = rank.receive()
         if kind != "go":
             raise GroupStop(kind)
 
     while True:
-        kind, req = rank.receive()
+        kind, payload = rank.receive()
         if kind == "exit":
             return
         if kind != "job":
             continue
+        req, resume = payload
         # Expansion happens on rank 0 only; what this rank needs of it arrives with the embeddings.
         req = dataclasses.replace(req, enhance_prompt=False)
+        _reset_guidance(video)
         try:
             with video._busy:
-                video._generate(req, step, decode=False)
+                video._generate(req, step, decode=False, resume=resume)
         except GroupStop:
             video.release_memory()

@@ -25,6 +25,7 @@ from service.contract.models import TINY, ModelSpec, parse_size
 from service.contract.record import GenerationRequest
 from service.contract.settings import Settings
 from worker import attention, enhance, loader, sampling, speed
+from worker.checkpoint import DenoiseState, Resume, starting_at
 from worker.frames import all_finite, to_uint8
 from worker.stats import GenerationStats
 from worker.stepcache import StepCacher
@@ -45,6 +46,8 @@ class GenerationError(RuntimeError):
 # Called with (steps done, total steps): once with 0 when the text phase is over, then after every denoising step.
 # Raising from it aborts the generation at once (how cancellation works); the pipeline stays usable.
 StepCallback = Callable[[int, int], None]
+# Called after every denoising step, before the StepCallback, with the state a checkpoint saves (worker/checkpoint.py).
+StateCallback = Callable[[DenoiseState], None]
 
 
 def pick_device(settings: Settings) -> torch.device:
@@ -185,13 +188,20 @@ class VideoPipeline:
         )
         return loaded
 
-    def generate(self, req: GenerationRequest, on_step: StepCallback | None = None) -> np.ndarray:
-        """Run one video; returns uint8 frames (T, H, W, 3). Fills self.last_stats."""
+    def generate(
+        self,
+        req: GenerationRequest,
+        on_step: StepCallback | None = None,
+        resume: Resume | None = None,
+        on_state: StateCallback | None = None,
+    ) -> np.ndarray:
+        """Run one video; returns uint8 frames (T, H, W, 3). Fills self.last_stats. With `resume`, from its step on
+        (the checkpoint's conditioning, latents and step-cache state); `on_state` sees every step's state."""
         if not self._busy.acquire(blocking=False):
             raise RuntimeError("a VideoPipeline runs one generation at a time")
         self.compiles.ensure()
         try:
-            video = self._generate(req, on_step, decode=True)
+            video = self._generate(req, on_step, decode=True, resume=resume, on_state=on_state)
         finally:
             self._busy.release()
             self._count_recompiles()
@@ -206,22 +216,35 @@ class VideoPipeline:
         with self._busy:
             self._generate(req, None, decode=self.device.type == "cuda")
 
-    def _generate(self, req: GenerationRequest, on_step: StepCallback | None, decode: bool) -> torch.Tensor:
+    def _generate(
+        self,
+        req: GenerationRequest,
+        on_step: StepCallback | None,
+        decode: bool,
+        resume: Resume | None = None,
+        on_state: StateCallback | None = None,
+    ) -> torch.Tensor:
         self.last_stats = None
         cuda = self.device.type == "cuda"
         if cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
         cfg = req.guidance_scale > 1.0
         t0 = time.perf_counter()
-        with self.encoders.session():
-            enhanced = self._expand(req.prompt, req.image) if self._wants_enhance(req) else None
-            t_enhanced = time.perf_counter()
-            positive, hit = self.encoders.encode(enhanced or req.prompt)
-            negative = self._negative(req.negative_prompt) if cfg else None
+        if resume is not None:  # the stopped run's conditioning, to the bit: no text encoder runs
+            enhanced, t_enhanced, hit = resume.enhanced_prompt, t0, True
+            positive = resume.positive.to(self.device)
+            negative = resume.negative.to(self.device) if resume.negative is not None else None
+        else:
+            with self.encoders.session():
+                enhanced = self._expand(req.prompt, req.image) if self._wants_enhance(req) else None
+                t_enhanced = time.perf_counter()
+                positive, hit = self.encoders.encode(enhanced or req.prompt)
+                negative = self._negative(req.negative_prompt) if cfg else None
         self._sync()
         t_text = time.perf_counter()
+        start = resume.step if resume is not None else 0
         if on_step is not None:
-            on_step(0, req.num_inference_steps)  # a cancellation point between text and denoising
+            on_step(start, req.num_inference_steps)  # a cancellation point between text and denoising
 
         tiling = speed.vae_tiling(self.settings.vae_tiling, self.device, req.width, req.height, req.num_frames)
         if tiling:
@@ -229,13 +252,24 @@ class VideoPipeline:
         else:
             self.pipe.vae.disable_tiling()
         self.step_cache.prepare(req.num_inference_steps, cfg)
+        generator = torch.Generator(device=self.device).manual_seed(req.seed)
+        if resume is not None:
+            self.step_cache.restore(resume.step_cache, self.device)
+            generator.set_state(resume.generator_state)
         step_ends: list[float] = []
+        total = req.num_inference_steps
 
         def callback(pipe, i: int, t, kwargs: dict) -> dict:
             self._sync()
             step_ends.append(time.perf_counter())
+            if on_state is not None:
+                state = DenoiseState(
+                    start + i + 1, total, kwargs["latents"], generator, positive, negative, enhanced,
+                    self.step_cache.state,
+                )  # fmt: skip
+                on_state(state)
             if on_step is not None:
-                on_step(i + 1, pipe.num_timesteps)
+                on_step(start + i + 1, total)
             return kwargs
 
         kwargs = dict(
@@ -244,7 +278,7 @@ class VideoPipeline:
             num_frames=req.num_frames,
             num_inference_steps=req.num_inference_steps,
             guidance_scale=req.guidance_scale,
-            generator=torch.Generator(device=self.device).manual_seed(req.seed),
+            generator=generator,
             output_type="pt" if decode else "latent",
             callback_on_step_end=callback,
             max_sequence_length=self.settings.max_sequence_length,
@@ -255,8 +289,10 @@ class VideoPipeline:
             if req.image is None:
                 raise ValueError("image-to-video needs an image")
             kwargs["image"] = req.image
+        if resume is not None:
+            kwargs["latents"] = resume.latents.to(self.device)
         t_start = time.perf_counter()
-        with torch.inference_mode():
+        with torch.inference_mode(), starting_at(self.pipe.scheduler, start):
             video = self.pipe(**kwargs).frames[0]
         self._sync()
         t_end = time.perf_counter()
@@ -273,6 +309,7 @@ class VideoPipeline:
             peak_gpu_memory_bytes=torch.cuda.max_memory_allocated(self.device) if cuda else None,
             enhanced_prompt=enhanced,
             vae_tiling=tiling,
+            resumed_from_step=start,
         )
         return video
 

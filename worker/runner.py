@@ -29,7 +29,7 @@ from service.contract import metrics
 from service.contract.jobs import VARIANTS, JobStore, asset_key
 from service.contract.lifecycle import Lifecycle, Outcome, Run
 from service.contract.storage import Storage, StorageError, StorageFull
-from worker import encode
+from worker import checkpoint, encode
 from worker.meter import Meter
 from worker.pipeline import GenerationError, VideoPipeline
 from worker.podcost import PodCost
@@ -86,6 +86,9 @@ class WorkerContext:
         current = self.current
         return held + [current] if current is not None and all(r is not current for r in held) else held
 
+    # Saves running jobs' denoising state and resumes requeued ones (worker/checkpoint.py); None: never.
+    checkpoints: checkpoint.Checkpoints | None = None
+
     @property
     def lifecycle(self) -> Lifecycle:
         return Lifecycle(self.store)
@@ -117,6 +120,11 @@ class JobRun:
         self.uploading = False
         self.t0 = time.perf_counter()
         self.log = logging.LoggerAdapter(log, {"video_id": video_id})
+        # Checkpointing (worker/checkpoint.py): the run, its fingerprint, the state of the last step that ended.
+        self._ckpt_run: Run | None = None
+        self._fingerprint = ""
+        self._latest_state: checkpoint.DenoiseState | None = None
+        self._saved_step = -1
 
     def run(self) -> None:
         started = time.time()
@@ -151,6 +159,7 @@ class JobRun:
             if stop.outcome is Outcome.NOT_OWNER:
                 self.log.warning("job lost: another run owns it now")
             else:
+                self._delete_checkpoint()
                 self.log.info("job cancelled while running", extra={"seconds": round(time.perf_counter() - t0, 3)})
                 metrics.JOBS.labels(model, "cancelled").inc()
             self.ctx.pipeline.release_memory()
@@ -177,6 +186,7 @@ class JobRun:
             self.log.exception("job failed", extra={"code": code})
             if self.uploading:
                 self._delete_own(run)  # no half-stored video
+            self._delete_checkpoint()  # the job is over: nothing will resume it
             if run.fail(code, message, usage=self.meter.usage()) is Outcome.NOT_OWNER:
                 self.log.warning("job lost before its failure was recorded")
             metrics.JOBS.labels(model, "failed").inc()
@@ -191,6 +201,10 @@ class JobRun:
         seconds = time.perf_counter() - t0
         metrics.JOBS.labels(model, "completed").inc()
         self.log.info("job completed", extra={"seconds": round(seconds, 3)})
+
+    def _delete_checkpoint(self) -> None:
+        if self.ctx.checkpoints is not None:
+            self.ctx.checkpoints.delete(self.video_id)
 
     def _delete_own(self, run: Run) -> None:
         """Delete what this run stored (its own prefix, never another run's files)."""
@@ -211,14 +225,15 @@ class JobRun:
         def on_step(done: int, total: int) -> None:
             # Every step reads the record: a cancelled or deleted job stops here, within one step.
             if self.ctx.stop.is_set():
+                self._save_at_stop(done)
                 raise StopForShutdown
-            self.meter.steps = done
+            self.meter.steps = done - self.meter.steps_resumed  # the steps this run computed
             self.meter.enter("decode" if done >= total else "denoise")
             self._progress(run, PHASE["denoise"] + span * done // max(total, 1))
 
         t_job = time.perf_counter()
         self.meter.enter("text_encode")
-        frames = self.ctx.pipeline.generate(req, on_step)
+        frames = self.ctx.pipeline.generate(req, on_step, **self._checkpointing(run, req))
         generate_s = time.perf_counter() - t_job
         stats = self._observe_generation(run, generate_s)
         self.log.info("generated", extra={"seconds": round(generate_s, 3), "frames": len(frames), **stats})
@@ -268,6 +283,51 @@ class JobRun:
         outcome = run.complete(expires_at=int(time.time()) + self.ctx.asset_ttl_s, usage=self.meter.usage())
         if outcome is not Outcome.DONE:
             raise Stopped(outcome)
+        self._delete_checkpoint()
+
+    def _save_at_stop(self, done: int) -> None:
+        """At SIGTERM: store the state of the step that just ended, so the job loses nothing but the step."""
+        latest = self._latest_state
+        if self.ctx.checkpoints is None or latest is None or latest.step != done or done == self._saved_step:
+            return  # before the first step, already stored as a periodic one, or without checkpoints
+        if self.ctx.checkpoints.due(done, latest.total, stopping=True):
+            self._store_checkpoint(latest)
+
+    def _store_checkpoint(self, state: checkpoint.DenoiseState) -> None:
+        assert self.ctx.checkpoints is not None and self._ckpt_run is not None
+        span = PHASE["decode"] - PHASE["denoise"]
+        # Ownership first: a run that lost its job must not replace the state of the run that owns it now.
+        self._progress(self._ckpt_run, PHASE["denoise"] + span * state.step // max(state.total, 1))
+        try:
+            self.ctx.checkpoints.save(self.video_id, state, self._fingerprint)
+            self._saved_step = state.step
+        except Exception:  # noqa: BLE001 - a checkpoint that cannot be stored costs steps, never the job
+            self.log.warning("checkpoint not stored", extra={"step": state.step}, exc_info=True)
+
+    def _checkpointing(self, run: Run, req) -> dict:
+        """The generate() arguments that resume this job from its checkpoint and save its state at the due
+        steps; none without checkpoints."""
+        ckpts = self.ctx.checkpoints
+        if ckpts is None:
+            return {}
+        self._ckpt_run, self._fingerprint = run, checkpoint.fingerprint(self.ctx.pipeline, req)
+        resume = ckpts.load(self.video_id, self._fingerprint, req.num_inference_steps)
+        start = resume.step if resume is not None else None
+        # Where this run starts, on the record (the video object shows it, usage counts the steps it saved).
+        if (outcome := run.progress(resumed_from_step=start)) is not Outcome.DONE:
+            raise Stopped(outcome)
+        if start is not None:
+            ckpts.resumed(start)
+            self.meter.steps_resumed = start  # usage: the steps the checkpoint saved this run
+
+        def on_state(state: checkpoint.DenoiseState) -> None:
+            # Kept for on_step, which runs next in the same step end (before the latents change again) and
+            # stores it when SIGTERM's flag is set by then.
+            self._latest_state = state
+            if ckpts.due(state.step, state.total, stopping=False):
+                self._store_checkpoint(state)
+
+        return {"resume": resume, "on_state": on_state}
 
     def _observe_generation(self, run: Run, generate_s: float) -> dict[str, float]:
         """Export the pipeline's per-phase figures; fall back to the whole call when it has none. Returns the

@@ -19,6 +19,7 @@ class GenerationStats:
     peak_gpu_memory_bytes: int | None  # None off CUDA
     enhanced_prompt: str | None
     vae_tiling: bool
+    resumed_from_step: int = 0  # the step a resumed job went on from (worker/checkpoint.py): steps it did not run
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -141,6 +141,36 @@ class StepCacher:
             self._steps = steps
         self.transformer._reset_stateful_cache()
 
+    def state(self) -> dict:
+        """The hooks' per-branch state between two steps (a checkpoint keeps it: worker/checkpoint.py). Tensors on
+        the CPU; plain values otherwise."""
+        if self.kind == "off":
+            return {}
+        saved: dict = {"calls": self._calls}
+        for path, manager in self._state_managers():
+            saved[path] = {ctx: _moved(dict(vars(st)), "cpu") for ctx, st in manager._state_cache.items()}
+        return saved
+
+    def restore(self, saved: dict, device: torch.device) -> None:
+        """After prepare(): the hooks' state as `state()` returned it, so the resumed steps cache as the
+        uninterrupted run's did."""
+        if self.kind == "off" or not saved:
+            return
+        self._calls = saved["calls"]
+        for path, manager in self._state_managers():
+            for ctx, values in saved.get(path, {}).items():
+                st = manager._state_cls(*manager._init_args, **manager._init_kwargs)
+                vars(st).update(_moved(values, device))
+                manager._state_cache[ctx] = st
+
+    def _state_managers(self):
+        # diffusers keeps each hook's state in a StateManager keyed by cache context (hooks/hooks.py).
+        for name, module in self.transformer.named_modules():
+            registry = getattr(module, "_diffusers_hook", None)
+            for hook_name, hook in registry.hooks.items() if registry is not None else ():
+                if (manager := getattr(hook, "state_manager", None)) is not None:
+                    yield f"{name}/{hook_name}", manager
+
     def remove(self) -> None:
         """Take the cache off the transformer again (a benchmark compares cached and uncached on one model)."""
         if self._hook is not None:
@@ -158,3 +188,14 @@ class StepCacher:
         self._calls += 1
         self._branch = name
         _set_cache_context(module, CacheContext(name))
+
+
+def _moved(value, device):
+    """`value` with every tensor in it on `device` (dicts, lists and tuples walked)."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {k: _moved(v, device) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_moved(v, device) for v in value)
+    return value

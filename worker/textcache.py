@@ -64,6 +64,9 @@ class PromptEmbeds:
     clip: torch.Tensor  # (1, 768) pooled
     cu_seqlens: torch.Tensor  # (2,) int32
 
+    def to(self, device: torch.device) -> PromptEmbeds:
+        return PromptEmbeds(self.qwen.to(device), self.clip.to(device), self.cu_seqlens.to(device))
+
     def as_kwargs(self, prefix: str = "") -> dict[str, torch.Tensor]:
         """The pipeline's argument names: prompt_embeds_qwen, ... or negative_prompt_embeds_qwen, ..."""
         return {

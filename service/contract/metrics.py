@@ -56,6 +56,17 @@ JOBS = Counter("k5_worker_jobs", "Jobs a worker finished, by outcome.", ["model"
 FAILURES = Counter("k5_worker_failures", "Failed jobs by error code.", ["model", "code"])
 # Any torch.compile after the warm-up means a job paid for compiling (a shape or guard the warm-up missed).
 RECOMPILES = Counter("k5_worker_recompiles", "torch.compile runs after the worker reported ready.", ["model"])
+# Resumable jobs (worker/checkpoint.py): states saved, checkpoints refused (the job started over), and the denoising
+# steps a resumed job did not run again.
+CHECKPOINTS = Counter("k5_worker_checkpoints", "Denoising states saved to storage.", ["model"])
+CHECKPOINT_SECONDS = Histogram(
+    "k5_worker_checkpoint_seconds",
+    "Time to serialise and store one denoising state.",
+    ["model"],
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8),
+)
+CHECKPOINTS_REFUSED = Counter("k5_worker_checkpoints_refused", "Checkpoints that did not match their job.", ["model"])
+STEPS_RESUMED = Counter("k5_worker_steps_resumed", "Denoising steps saved by resuming from a checkpoint.", ["model"])
 MODEL_READY = Gauge("k5_worker_model_ready", "1 once the model is loaded and warm.", ["model"], multiprocess_mode="max")
 
 # -- usage (service/contract/usage.py): counted where a job's terminal transition is written, so a worker counts

@@ -85,6 +85,8 @@ class JobRecord(BaseModel):
     # The Redis key of the Idempotency-Key bound to this video (service/contract/idempotency.py), so that DELETE
     # can unbind it.
     idempotency_key: str | None = None
+    # The step the current (or last) run resumed from a checkpoint at, so the steps it saved; None: from step 0.
+    resumed_from_step: int | None = None
 
     def public(self, **live: Any) -> Video:
         """The public video object; `live` adds the fields computed on read (queue position, ETA)."""
@@ -110,6 +112,7 @@ class JobRecord(BaseModel):
             deadline_at=self.deadline_at,
             # A finished video that never ran used nothing: zeros, not "unknown".
             usage=self.usage or (VideoUsage() if self.status in TERMINAL else None),
+            resumed_from_step=self.resumed_from_step,
             **live,
         )
 

@@ -178,6 +178,11 @@ class Video(BaseModel):
     guidance_scale: float
     metadata: dict[str, str] | None = None
     enhanced_prompt: str | None = Field(None, description="The expanded prompt, when enhance_prompt was used.")
+    resumed_from_step: int | None = Field(
+        None,
+        description="Extension: the denoising step the job went on from after its worker was stopped (a saved "
+        "checkpoint); the steps before it were not run again. None when it ran from step 0.",
+    )
     queue_position: int | None = Field(None, description="While queued: jobs ahead of this one in its model's queue.")
     estimated_completion_at: int | None = Field(
         None, description="While not finished: estimated unix time of completion, from measured step times."
