@@ -17,7 +17,7 @@ import redis
 from rq import Queue
 from rq.job import Job
 
-from service.contract import keys
+from service.contract import keys, lineup
 from service.contract.models import CATALOGUE, ModelSpec, find_spec, parse_size
 from service.contract.problems import InvalidParameter
 from service.contract.record import JobRecord
@@ -159,10 +159,19 @@ class JobStore:
         return Queue(name=model, connection=self.r)
 
     def enqueue(
-        self, pipe: Any, model: str, video_id: str, rq_id: str, *, description: str, at_front: bool = False
+        self,
+        pipe: Any,
+        model: str,
+        video_id: str,
+        rq_id: str,
+        *,
+        description: str,
+        at_front: bool = False,
+        place: bool = True,
     ) -> None:
-        """Put one RQ job for `video_id` on its model's queue, inside the caller's transaction. A requeued video
-        gets a new `rq_id` each time: the attempt record names the current one, and only that one may start."""
+        """Put one RQ job for `video_id` on its model's queue, inside the caller's transaction, and give the video
+        its place in line (lineup.py; place=False: the caller's script does). A requeued video gets a new `rq_id`
+        each time: the attempt record names the current one, and only that one may start."""
         self.queue(model).enqueue_call(
             JOB_FUNC,
             args=(video_id,),
@@ -175,6 +184,8 @@ class JobStore:
             at_front=at_front,
             pipeline=pipe,
         )
+        if place:
+            lineup.add(pipe, model, video_id, front=at_front)
 
     def forget_rq_job(self, model: str, rq_id: str) -> None:
         """A dead or lost delivery's RQ job: out of the started registry, so RQ's own abandoned-job cleanup does
@@ -221,25 +232,46 @@ class JobStore:
 
     def view(self, rec: JobRecord) -> Video:
         """The public video object with its live fields filled in."""
-        if rec.status in TERMINAL:
-            return rec.public()
-        timing = self.timing(rec.model)
-        own = self.estimate_s(rec, timing)
+        return self.view_many([rec])[0]
+
+    def view_many(self, records: builtins.list[JobRecord]) -> builtins.list[Video]:
+        """The public video objects with their live fields (queue position, ETA), in one round trip for them all:
+        each model's timing and workers online once, and one ZRANK (lineup.py) per queued video."""
+        live = [rec for rec in records if rec.status not in TERMINAL]
+        if not live:
+            return [rec.public() for rec in records]
+        models = sorted({rec.model for rec in live})
+        queued = {m: [rec.id for rec in live if rec.status == "queued" and rec.model == m] for m in models}
         now = time.time()
-        if rec.status == "in_progress":
-            eta = None if own is None else now + own * (1 - rec.progress / 100)
-            return rec.public(estimated_completion_at=None if eta is None else int(eta))
-        # Its current RQ job (a requeued video waits under a new id); not in the queue any more means a worker
-        # has just taken it and is starting it: next in line.
-        position = self.queue(rec.model).get_job_position(current_rq_id(self.r, rec.id))
-        if position is None:
-            position = 0
-        workers = self.workers_online(rec.model)
-        eta = None
-        if own is not None and workers:
-            # Jobs ahead are assumed to be like this one; running jobs are on average half done.
-            eta = now + (position // workers + 0.5) * own + own
-        return rec.public(queue_position=position, estimated_completion_at=None if eta is None else int(eta))
+        with self.r.pipeline(transaction=False) as pipe:
+            for model in models:
+                pipe.hgetall(keys.timing(model))
+                pipe.zcount(keys.workers(model), now - self._offline_after(), "+inf")
+                lineup.positions(pipe, model, queued[model])
+            replies = pipe.execute()
+        timing = {m: _timing(replies[3 * i]) for i, m in enumerate(models)}
+        workers = {m: int(replies[3 * i + 1]) for i, m in enumerate(models)}
+        ranks: dict[str, int] = {}
+        for i, model in enumerate(models):
+            ranks |= zip(queued[model], map(int, replies[3 * i + 2]), strict=True)
+        views = []
+        for rec in records:
+            if rec.status in TERMINAL:
+                views.append(rec.public())
+                continue
+            own = self.estimate_s(rec, timing[rec.model])
+            if rec.status == "in_progress":
+                eta = lineup.eta(own, None, workers[rec.model], now, rec.progress)
+                views.append(rec.public(estimated_completion_at=None if eta is None else int(eta)))
+                continue
+            position: int | None = ranks[rec.id]
+            if position == -1:  # queued by a release without the index: RQ's list says where it is
+                position = self.queue(rec.model).get_job_position(current_rq_id(self.r, rec.id))
+            # Not in the queue any more: a worker has just taken it and is starting it, so it is next in line.
+            position = 0 if position is None else int(position)
+            eta = lineup.eta(own, position, workers[rec.model], now)
+            views.append(rec.public(queue_position=position, estimated_completion_at=None if eta is None else int(eta)))
+        return views
 
     def record_timing(self, rec: JobRecord, step_s: float, overhead_s: float) -> None:
         """A worker's measured seconds per step and per-job overhead, normalised per megavoxel (EWMA)."""
@@ -253,8 +285,7 @@ class JobStore:
         self.r.hset(key, mapping={"step": new["step"], "overhead": new["overhead"]})
 
     def timing(self, model: str) -> dict[str, float] | None:
-        raw = self.r.hgetall(keys.timing(model))
-        return {keys.text(k): float(v) for k, v in raw.items()} if raw else None
+        return _timing(self.r.hgetall(keys.timing(model)))
 
     @staticmethod
     def estimate_s(rec: JobRecord, timing: dict[str, float] | None) -> float | None:
@@ -359,3 +390,8 @@ class JobStore:
             if spec is not None:
                 states.append((spec, int(workers), int(since or 0)))
         return states
+
+
+def _timing(raw: dict) -> dict[str, float] | None:
+    """A model's k5:timing hash as numbers; None until a worker has measured one."""
+    return {keys.text(k): float(v) for k, v in raw.items()} if raw else None

@@ -12,6 +12,10 @@ Jobs (written only by service/contract/lifecycle.py):
                          refreshes; an expired lease means the worker is gone
   k5:running             set of video ids with a run in progress: all the reaper has to look at
   k5:expiry              sorted set video id -> expires_at of its stored assets
+  k5:queued:<model>      sorted set of the model's queued video ids -> their place in line (service/contract/
+                         jobs.py, QueueIndex): added in the transaction that puts the video on RQ's queue, removed
+                         in the one that moves it out of queued; ZRANK is its queue position
+  k5:seq:queued          the counter that numbers places in line (one key)
   k5:idem:<owner>:<hash> an Idempotency-Key (sha256) -> {fingerprint, video_id}
 Housekeeping:
   k5:lock:janitor        one janitor pass at a time across all the processes that run it
@@ -42,6 +46,7 @@ def text(raw: Any) -> str:
 
 
 RUNNING = "k5:running"
+QUEUE_SEQ = "k5:seq:queued"
 EXPIRY = "k5:expiry"
 JANITOR_LOCK = "k5:lock:janitor"
 MODELS = "k5:models"
@@ -61,6 +66,10 @@ def videos(owner: str) -> str:
 
 def inflight(owner: str) -> str:
     return f"k5:inflight:{owner}"
+
+
+def queued(model: str) -> str:
+    return f"k5:queued:{model}"
 
 
 def attempt(video_id: str) -> str:

@@ -32,8 +32,9 @@ from typing import Any
 
 import redis
 
-from service.contract import keys, webhooks
-from service.contract.idempotency import IDEMPOTENCY_TTL_S, IdempotencyKey, replay
+from service.contract import keys, lineup, webhooks
+from service.contract.creation import CommandRecorder, Creation, QueueFull
+from service.contract.idempotency import IDEMPOTENCY_TTL_S, IdempotencyKey
 from service.contract.jobs import JobStore, current_rq_id, new_rq_id
 from service.contract.record import JobRecord
 from service.contract.run import Run
@@ -42,7 +43,7 @@ from service.contract.transitions import EDGES, Move, Outcome, Snapshot, advance
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EDGES", "Lifecycle", "Move", "Outcome", "Run", "Snapshot"]
+__all__ = ["EDGES", "Lifecycle", "Move", "Outcome", "QueueFull", "Run", "Snapshot"]
 
 
 # Re-arm the lease only while this run still owns the job: a lease that lapsed during a pause comes back,
@@ -75,6 +76,7 @@ class Lifecycle:
         self.store, self.r, self.settings = store, store.r, store.settings
         self._refresh = self.r.register_script(_REFRESH)
         self._release = self.r.register_script(_RELEASE)
+        self._creation = Creation(self.r)
 
     @property
     def lease_ms(self) -> int:
@@ -87,35 +89,52 @@ class Lifecycle:
     # -- the gateway's transitions ------------------------------------------------------------------------
 
     def create(
-        self, rec: JobRecord, max_inflight: int | None = None, idem: IdempotencyKey | None = None
+        self,
+        rec: JobRecord,
+        max_inflight: int | None = None,
+        idem: IdempotencyKey | None = None,
+        max_depth: int | None = None,
     ) -> JobRecord | None:
-        """Store the record and enqueue its job in one transaction: both happen or neither. Returns the record.
+        """Store the record and enqueue its job in one atomic step (creation.py): both happen or neither.
+        Returns the record.
 
-        With `idem`, the key is bound to the video in the same transaction; when it already names a video that
-        exists, nothing is created and that video's record is returned (a replay; Conflict for another request).
+        With `idem`, the key is bound to the video in the same step; when it already names a video that exists,
+        nothing is created and that video's record is returned (a replay; Conflict for another request).
         With `max_inflight`, only while the owner has fewer videos queued or in progress, checked in the same
-        transaction, so that concurrent requests cannot overshoot it together: None when it had as many.
+        step, so that concurrent requests cannot overshoot it together: None when it had as many. With
+        `max_depth`, only while the model has fewer videos queued: QueueFull when it had as many.
         """
         inflight = keys.inflight(rec.owner)
-        with self.r.pipeline() as pipe:
-            while True:
-                try:
-                    pipe.watch(inflight, *([idem.redis_key] if idem else []))
-                    if idem is not None and (earlier := replay(pipe, idem)) is not None:
-                        return earlier
-                    if max_inflight is not None and pipe.scard(inflight) >= max_inflight:
-                        return None
-                    pipe.multi()
-                    pipe.set(keys.video(rec.id), rec.model_dump_json())
-                    pipe.zadd(keys.videos(rec.owner), {rec.id: 0})
-                    pipe.sadd(inflight, rec.id)
-                    if idem is not None:
-                        pipe.set(idem.redis_key, idem.binding(rec.id), ex=IDEMPOTENCY_TTL_S)
-                    self.store.enqueue(pipe, rec.model, rec.id, rec.id, description=f"video {rec.id}")
-                    pipe.execute()
-                    break
-                except redis.WatchError:
-                    continue  # another of the owner's videos was created or finished meanwhile: check again
+        writes: Any = CommandRecorder()  # typed loosely: redis-py types its commands for a client
+        writes.set(keys.video(rec.id), rec.model_dump_json(exclude_none=True))
+        writes.zadd(keys.videos(rec.owner), {rec.id: 0})
+        writes.sadd(inflight, rec.id)
+        if idem is not None:
+            writes.set(idem.redis_key, idem.binding(rec.id), ex=IDEMPOTENCY_TTL_S)
+        self.store.enqueue(writes, rec.model, rec.id, rec.id, description=f"video {rec.id}", place=False)
+        takeover = ""
+        while True:
+            reply = self._creation.run(
+                inflight_key=inflight,
+                idem_key=idem.redis_key if idem else None,
+                model=rec.model,
+                video_id=rec.id,
+                commands=writes.commands,
+                max_inflight=max_inflight,
+                max_depth=max_depth,
+                takeover=takeover,
+            )
+            if reply[0] == "ok":
+                break
+            if reply[0] == "inflight":
+                return None
+            if reply[0] == "depth":
+                raise QueueFull(rec.model)
+            assert idem is not None  # "held": the key names a video already
+            raw = self.r.get(keys.video(idem.held_video(reply[1])))
+            if raw is not None:
+                return JobRecord.model_validate_json(raw)
+            takeover = reply[1]  # its video is gone: this request takes the key over, unless another did
         log.info("queued", extra={"video_id": rec.id, "model": rec.model})
         return rec
 
@@ -143,6 +162,7 @@ class Lifecycle:
         with self.r.pipeline() as pipe:
             pipe.delete(keys.video(rec.id))
             pipe.zrem(keys.videos(rec.owner), rec.id)
+            lineup.drop(pipe, rec.model, rec.id)
             publish_change(pipe, rec)
             pipe.execute()
 
@@ -307,7 +327,7 @@ class Lifecycle:
     def _write(self, pipe: Any, snap: Snapshot, move: Move) -> None:
         rec, video_id = move.record, move.record.id
         akey, lkey = keys.attempt(video_id), keys.lease(video_id)
-        pipe.set(keys.video(video_id), rec.model_dump_json(), keepttl=True)
+        pipe.set(keys.video(video_id), rec.model_dump_json(exclude_none=True), keepttl=True)
         moved = snap.record is None or snap.record.status != rec.status
         publish_change(pipe, rec, moved=moved)
         if move.attempts is not None:
@@ -324,6 +344,8 @@ class Lifecycle:
             self.store.enqueue(
                 pipe, rec.model, video_id, move.rq_id, description=f"video {video_id} ({move.edge})", at_front=True
             )
+        if snap.record is not None and snap.record.status == "queued" and rec.status != "queued":
+            lineup.drop(pipe, rec.model, video_id)  # started, cancelled or given up: no longer in line
         if snap.record is not None and snap.record.status == "in_progress" and rec.status != "in_progress":
             pipe.delete(lkey)
             pipe.srem(keys.RUNNING, video_id)

@@ -33,14 +33,21 @@ def unserved_message(requested: str, model: str, store: JobStore, settings: Sett
 def check_capacity(store: JobStore, settings: Settings, owner: str, model: str) -> None:
     """Backpressure before anything is stored: the key's jobs in flight, and the model's queue.
 
-    The in-flight limit is checked again, atomically, when the job is created (Lifecycle.create); this early
-    check only spares a request that would be refused the image upload. The queue depth is checked here only:
-    a burst of concurrent requests can overshoot it by the burst's size, which is fine for a load-shedding cap.
+    Both are checked again, atomically, when the job is created (Lifecycle.create); this early check only
+    spares a request with an image that would be refused the upload.
     """
-    if store.inflight(owner) >= settings.max_inflight_per_key:
+    with store.r.pipeline(transaction=False) as pipe:
+        pipe.scard(keys.inflight(owner))
+        pipe.zcard(keys.queued(model))
+        inflight, depth = pipe.execute()
+    if inflight >= settings.max_inflight_per_key:
         raise too_many_inflight(store, settings, owner)
-    if store.queue(model).count >= settings.max_queue_depth:
-        raise too_many(f"The queue of model {model} is full; retry later.", "queue_full", 30)
+    if depth >= settings.max_queue_depth:
+        raise queue_full(model)
+
+
+def queue_full(model: str) -> Throttled:
+    return too_many(f"The queue of model {model} is full; retry later.", "queue_full", 30)
 
 
 def check_storage(call: Callable[[], None]) -> None:
@@ -75,7 +82,7 @@ def first_slot_free_s(store: JobStore, owner: str, fallback_s: float = 5.0) -> f
     records = [rec for rec in records if rec.status not in TERMINAL]
     records.sort(key=lambda rec: (rec.status != "in_progress", rec.created_at))
     now = time.time()
-    etas = [store.view(rec).estimated_completion_at for rec in records[:4]]
+    etas = [view.estimated_completion_at for view in store.view_many(records[:4])]
     known = [eta - now for eta in etas if eta is not None]
     return min(max(min(known), 1.0), 3600.0) if known else fallback_s
 

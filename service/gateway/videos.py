@@ -9,7 +9,7 @@ from pathlib import Path
 
 from service.contract.idempotency import IdempotencyKey, replay
 from service.contract.jobs import INPUT_IMAGE, VARIANTS, JobRecord, JobStore, asset_key, plan_job
-from service.contract.lifecycle import Lifecycle
+from service.contract.lifecycle import Lifecycle, QueueFull
 from service.contract.models import resolve_alias
 from service.contract.problems import Conflict, Gone, NotFound
 from service.contract.schemas import VideoCreate
@@ -20,10 +20,12 @@ from service.gateway.admission import (
     check_storage,
     check_webhook_url,
     fingerprint,
+    queue_full,
     too_many_inflight,
     unserved_message,
 )
 from service.gateway.images import decode_data_url, prepare_image
+from service.gateway.roster import Roster
 
 log = logging.getLogger(__name__)
 
@@ -40,15 +42,17 @@ def submit(
     settings: Settings,
     image: bytes | None = None,
     *,
+    roster: Roster,
     owner: str = "anonymous",
     idempotency_key: str | None = None,
     remixed_from: str | None = None,
 ) -> tuple[JobRecord, bool]:
     """Validate a request against its model, store its input image, record and enqueue the job.
 
-    Returns the record and whether it is a replay of an earlier request with the same Idempotency-Key.
+    Returns the record and whether it is a replay of an earlier request with the same Idempotency-Key. The
+    models served come from the roster (read once per heartbeat), not from Redis on every request.
     """
-    requested = req.model or store.default_model()
+    requested = req.model or roster.default_model()
     if requested is None:
         raise NotFound(
             "No model given and no text-to-video model is being served.",
@@ -56,7 +60,7 @@ def submit(
             code="model_not_found",
         )
     model = resolve_alias(requested, settings.aliases)
-    spec = store.served_spec(model)
+    spec = roster.served_spec(model)
     if spec is None:
         raise NotFound(unserved_message(requested, model, store, settings), param="model", code="model_not_found")
     if req.webhook_url is not None:
@@ -72,7 +76,8 @@ def submit(
         # A replay makes no new job: it is answered before any limit, and without storing its image again.
         if (earlier := replay(store.r, idem)) is not None:
             return earlier, True
-    check_capacity(store, settings, owner, spec.id)
+    if image is not None:  # limits before the upload; without one, the create step checks them on its own
+        check_capacity(store, settings, owner, spec.id)
     check_storage(storage.available)
     if image is not None:
         png = prepare_image(
@@ -86,7 +91,13 @@ def submit(
         key = rec.input_key = asset_key(rec.id, INPUT_IMAGE)
         check_storage(lambda: storage.put_bytes(key, png, "image/png"))
     try:
-        made = Lifecycle(store).create(rec, max_inflight=settings.max_inflight_per_key, idem=idem)
+        made = Lifecycle(store).create(
+            rec, max_inflight=settings.max_inflight_per_key, idem=idem, max_depth=settings.max_queue_depth
+        )
+    except QueueFull as e:
+        if rec.input_key:
+            storage.delete_prefix(rec.id)
+        raise queue_full(e.model) from None
     except BaseException:
         if rec.input_key:
             storage.delete_prefix(rec.id)
@@ -106,6 +117,7 @@ def remix(
     storage: Storage,
     settings: Settings,
     *,
+    roster: Roster,
     owner: str,
     idempotency_key: str | None = None,
 ) -> tuple[JobRecord, bool]:
@@ -141,7 +153,9 @@ def remix(
     )
     # A key names one remix of one source: the same key on another source is another request.
     key = None if idempotency_key is None else f"remix:{source.id}:{idempotency_key}"
-    return submit(req, store, storage, settings, image, owner=owner, idempotency_key=key, remixed_from=source.id)
+    return submit(
+        req, store, storage, settings, image, roster=roster, owner=owner, idempotency_key=key, remixed_from=source.id
+    )
 
 
 def cancel(store: JobStore, video_id: str, owner: str) -> JobRecord:
