@@ -15,9 +15,10 @@ from tests.test_security import ALICE, auth, make_client
 SPEC = TINY["k5-tiny-t2v"]
 REQUEST = {"prompt": "a lighthouse", "size": "64x64"}
 # Commands that cost O(1) or O(log n) in the size of a queue or an index (plus the reply): what a request may use.
+# And LINSERT, which puts an interactive job before the batch lane: it walks only the interactive jobs ahead.
 BOUNDED = {
     "evalsha", "eval", "incr", "expire", "get", "mget", "set", "hgetall", "hget", "hset", "zcount", "zrank",
-    "zrevrangebylex", "zrangebylex", "zadd", "zcard", "scard", "sadd", "rpush",
+    "zrevrangebylex", "zrangebylex", "zrangebyscore", "zadd", "zcard", "scard", "sadd", "rpush", "linsert",
 }  # fmt: skip
 
 

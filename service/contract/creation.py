@@ -19,9 +19,11 @@ from redis.commands.core import CoreCommands
 from service.contract import keys, lineup
 
 # KEYS: the owner's in-flight set, the Idempotency-Key (or any key when there is none), the model's line, the
-# place counter. ARGV: max in flight (0: none), max queue depth (0: none), whether there is an Idempotency-Key,
-# the binding the key may hold to be taken over ('' for none), the video id, then each command as its argument
-# count and its arguments. Replies: {'ok'}, {'held', binding}, {'inflight'} or {'depth'}.
+# place counter, RQ's list of the model. ARGV: max in flight (0: none), max queue depth (0: none), whether there
+# is an Idempotency-Key, the binding the key may hold to be taken over ('' for none), the video id, the lane's
+# base score, 1 for the interactive lane, the batch lane's base score, then each command as its argument count
+# and its arguments (RQ's push excluded: the script pushes, where the lane says).
+# Replies: {'ok'}, {'held', binding}, {'inflight'}, {'depth'}.
 _CREATE = """
 local max_inflight, max_depth = tonumber(ARGV[1]), tonumber(ARGV[2])
 if ARGV[3] == '1' then
@@ -30,16 +32,27 @@ if ARGV[3] == '1' then
 end
 if max_inflight > 0 and redis.call('scard', KEYS[1]) >= max_inflight then return {'inflight'} end
 if max_depth > 0 and redis.call('zcard', KEYS[3]) >= max_depth then return {'depth'} end
-local i = 6
+local i = 9
 while i <= #ARGV do
   local n = tonumber(ARGV[i])
   redis.call(unpack(ARGV, i + 1, i + n))
   i = i + n + 1
 end
-local place = redis.call('incr', KEYS[4])
-redis.call('zadd', KEYS[3], lineup_band + place, ARGV[5])
+local id, base = ARGV[5], tonumber(ARGV[6])
+if ARGV[7] == '1' then
+  -- Before the first batch video (its RQ job has its id: only a requeue gives a new one, at the front).
+  local first = redis.call('zrangebyscore', KEYS[3], ARGV[8], '+inf', 'LIMIT', 0, 1)[1]
+  if not first then
+    redis.call('rpush', KEYS[5], id)
+  elseif redis.call('linsert', KEYS[5], 'BEFORE', first, id) == -1 then
+    redis.call('lpush', KEYS[5], id)  -- a worker has taken it, so everything that was ahead of it too
+  end
+else
+  redis.call('rpush', KEYS[5], id)
+end
+redis.call('zadd', KEYS[3], base + redis.call('incr', KEYS[4]), id)
 return {'ok'}
-""".replace("lineup_band", str(lineup.BAND))
+"""
 
 
 class QueueFull(Exception):
@@ -83,10 +96,18 @@ class Creation:
         commands: list[tuple[Any, ...]],
         max_inflight: int | None,
         max_depth: int | None,
+        lane: str = "batch",
         takeover: str = "",
     ) -> list[str]:
+        """`commands`: what RQ's enqueue recorded, its push of the job onto `model`'s list last (taken off: the
+        script pushes where `lane` says)."""
+        *writes, push = commands
+        queue_key = push[1]
+        if push[0] != "RPUSH" or keys.text(push[2]) != video_id:
+            raise ValueError(f"RQ's enqueue no longer ends with its push: {push[:2]}")
         argv: list[Any] = [max_inflight or 0, max_depth or 0, int(idem_key is not None), takeover, video_id]
-        for command in commands:
+        argv += [lineup.BANDS[lane], int(lane == "interactive"), lineup.BANDS["batch"]]
+        for command in writes:
             argv += [len(command), *command]
-        keys_ = [inflight_key, idem_key or inflight_key, keys.queued(model), keys.QUEUE_SEQ]
+        keys_ = [inflight_key, idem_key or inflight_key, keys.queued(model), keys.QUEUE_SEQ, queue_key]
         return [keys.text(part) for part in self._script(keys=keys_, args=argv)]

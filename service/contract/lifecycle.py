@@ -122,6 +122,7 @@ class Lifecycle:
                 commands=writes.commands,
                 max_inflight=max_inflight,
                 max_depth=max_depth,
+                lane=rec.priority or "batch",
                 takeover=takeover,
             )
             if reply[0] == "ok":

@@ -4,9 +4,12 @@ workers will take them, so that a video's position is one ZRANK.
 RQ's own list cannot answer that cheaply: LPOS walks it from the head, so a list page of 100 queued videos cost
 100 walks of the whole queue. The index is written with the queue, never beside it:
 
-- RQ pops its list from the head. A new video is pushed at the back (RPUSH), a requeued or redelivered one at the
-  front (LPUSH). Each push takes the next number of one counter (k5:seq:queued); a push to the front takes its
-  negative. Ascending scores are then the list's order: front pushes latest first, then back pushes oldest first.
+- RQ pops its list from the head. A requeued or redelivered video is pushed at the front (LPUSH); a new video
+  joins its lane: a batch one at the back (RPUSH), an interactive one before the first batch video in the list
+  (LINSERT, which walks only the jobs ahead of the batch lane; creation.py). Each push takes the next number of
+  one counter (k5:seq:queued): a push to the front scores its negative, a new video its lane's base (BANDS)
+  plus the number. Ascending scores are then the list's order: front pushes latest first, then the interactive
+  lane oldest first, then the batch lane oldest first; every worker of the model serves them in that order.
 - The index entry is added by an EVAL in the same MULTI as RQ's push (the counter and the ZADD are one step, so
   two gateways' pushes are numbered in the order Redis ran them), and removed in the transaction that moves the
   video out of `queued` (start, cancel, give_up: Lifecycle._write) or deletes it.
@@ -35,13 +38,13 @@ local out = {}
 for i, id in ipairs(ARGV) do out[i] = redis.call('zrank', KEYS[1], id) or -1 end
 return out
 """
-# Where a lane's places start: scores stay exact integers in a double below 2**53.
-BAND = 0
+# Where a lane's places start (front pushes are negative): scores stay exact integers in a double below 2**53.
+BANDS = {"interactive": 2**50, "batch": 2**51}
 
 
 def add(pipe: Any, model: str, video_id: str, *, front: bool) -> None:
     """Give `video_id` its place in its model's line, in the caller's MULTI, beside RQ's push."""
-    pipe.eval(_ADD, 2, keys.queued(model), keys.QUEUE_SEQ, video_id, int(front), BAND)
+    pipe.eval(_ADD, 2, keys.queued(model), keys.QUEUE_SEQ, video_id, int(front), 0 if front else BANDS["batch"])
 
 
 def drop(pipe: Any, model: str, video_id: str) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 from PIL import Image
 from pydantic import BaseModel, ConfigDict
 
-from service.contract.schemas import Status, Video, VideoError
+from service.contract.schemas import Priority, Status, Video, VideoError
 
 RECORD_VERSION = 2
 
@@ -76,6 +76,8 @@ class JobRecord(BaseModel):
     webhook_url: str | None = None
     enhance_prompt: bool | None = None
     started_at: float | None = None
+    # The lane it was queued in (schemas.Priority); None for a record of a release without lanes.
+    priority: Priority | None = None
     # Storage prefix of the run that completed the video: each run writes under its own prefix, so a run that
     # lost its job can neither overwrite nor delete what the run that completed it stored. None: `<id>/` (v1).
     assets: str | None = None
@@ -104,6 +106,7 @@ class JobRecord(BaseModel):
             guidance_scale=self.guidance_scale,
             metadata=self.metadata,
             enhanced_prompt=self.enhanced_prompt,
+            priority=self.priority,
             **live,
         )
 

@@ -12,6 +12,8 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 Status = Literal["queued", "in_progress", "completed", "failed"]
+# Lanes of a model's queue: every worker of the model takes interactive jobs before batch ones.
+Priority = Literal["interactive", "batch"]
 TERMINAL: frozenset[str] = frozenset({"completed", "failed"})
 
 MAX_PROMPT_CHARS = 32_000
@@ -97,6 +99,11 @@ class VideoCreate(BaseModel):
         max_length=2048,
         description="k5serve extension: where to POST the signed video.completed / video.failed event.",
     )
+    priority: Priority | None = Field(
+        None,
+        description="k5serve extension: `interactive` jobs are taken before `batch` ones by every worker of the "
+        "model; up to the API key's ceiling (set by the operator), which is also the default.",
+    )
 
 
 class VideoRemix(BaseModel):
@@ -141,7 +148,10 @@ class Video(BaseModel):
     guidance_scale: float
     metadata: dict[str, str] | None = None
     enhanced_prompt: str | None = Field(None, description="The expanded prompt, when enhance_prompt was used.")
-    queue_position: int | None = Field(None, description="While queued: jobs ahead of this one in its model's queue.")
+    priority: Priority | None = Field(None, description="The lane the job was queued in.")
+    queue_position: int | None = Field(
+        None, description="While queued: jobs ahead of this one in its model's queue (both lanes)."
+    )
     estimated_completion_at: int | None = Field(
         None, description="While not finished: estimated unix time of completion, from measured step times."
     )

@@ -98,6 +98,9 @@ class Settings(BaseSettings):
     max_inflight_per_key: int = Field(16, ge=1)
     # Per-model cap on queued jobs; beyond it new requests get 429.
     max_queue_depth: int = Field(1000, ge=1)
+    # The highest lane a key may ask for ("interactive", ahead of "batch"), and the lane of its requests that
+    # name none; a key's own entry overrides it ("<key> priority=batch" in K5_API_KEYS or the keys file).
+    priority_ceiling: Literal["interactive", "batch"] = "interactive"
 
     # Event streams (GET /v1/videos/{id}/events): open at once per API key and gateway process, and how long one
     # lasts before the client reconnects (with Last-Event-ID); a comment line keeps idle proxies open meanwhile.

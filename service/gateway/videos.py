@@ -11,8 +11,8 @@ from service.contract.idempotency import IdempotencyKey, replay
 from service.contract.jobs import INPUT_IMAGE, VARIANTS, JobRecord, JobStore, asset_key, plan_job
 from service.contract.lifecycle import Lifecycle, QueueFull
 from service.contract.models import resolve_alias
-from service.contract.problems import Conflict, Gone, NotFound
-from service.contract.schemas import VideoCreate
+from service.contract.problems import Conflict, Gone, InvalidParameter, NotFound
+from service.contract.schemas import Priority, VideoCreate
 from service.contract.settings import Settings
 from service.contract.storage import Storage, StorageError
 from service.gateway.admission import (
@@ -44,13 +44,15 @@ def submit(
     *,
     roster: Roster,
     owner: str = "anonymous",
+    ceiling: Priority = "interactive",
     idempotency_key: str | None = None,
     remixed_from: str | None = None,
 ) -> tuple[JobRecord, bool]:
     """Validate a request against its model, store its input image, record and enqueue the job.
 
     Returns the record and whether it is a replay of an earlier request with the same Idempotency-Key. The
-    models served come from the roster (read once per heartbeat), not from Redis on every request.
+    models served come from the roster (read once per heartbeat), not from Redis on every request. `ceiling`:
+    the highest lane the key may ask for, and its lane when the request names none.
     """
     requested = req.model or roster.default_model()
     if requested is None:
@@ -67,8 +69,15 @@ def submit(
         check_webhook_url(req.webhook_url, settings)
     if image is None and req.input_reference is not None:
         image = decode_data_url(req.input_reference.image_url)
+    if req.priority == "interactive" and ceiling != "interactive":
+        raise InvalidParameter(
+            f"This API key may queue at most '{ceiling}' jobs; send priority '{ceiling}' or none.",
+            param="priority",
+            code="priority_not_allowed",
+        )
     rec = plan_job(req, spec, has_image=image is not None)
     rec.owner = owner
+    rec.priority = req.priority or ceiling
     rec.remixed_from_video_id = remixed_from
     idem = None
     if idempotency_key is not None:
@@ -119,6 +128,7 @@ def remix(
     *,
     roster: Roster,
     owner: str,
+    ceiling: Priority = "interactive",
     idempotency_key: str | None = None,
 ) -> tuple[JobRecord, bool]:
     """POST /v1/videos/{id}/remix: a new job like a completed video, with a new prompt (through submit, so every
@@ -154,7 +164,16 @@ def remix(
     # A key names one remix of one source: the same key on another source is another request.
     key = None if idempotency_key is None else f"remix:{source.id}:{idempotency_key}"
     return submit(
-        req, store, storage, settings, image, roster=roster, owner=owner, idempotency_key=key, remixed_from=source.id
+        req,
+        store,
+        storage,
+        settings,
+        image,
+        roster=roster,
+        owner=owner,
+        ceiling=ceiling,
+        idempotency_key=key,
+        remixed_from=source.id,
     )
 
 

@@ -79,6 +79,7 @@ async def create_video(
         image,
         roster=roster,
         owner=owner,
+        ceiling=request.app.state.keys.ceiling(owner),
         idempotency_key=idempotency_key,
     )
     view = await run_in_threadpool(store.view, rec)
@@ -121,6 +122,7 @@ async def remix_video(
         settings,
         roster=roster,
         owner=owner,
+        ceiling=request.app.state.keys.ceiling(owner),
         idempotency_key=idempotency_key,
     )
     view = await run_in_threadpool(store.view, rec)
