@@ -67,6 +67,10 @@ class Recovery:
         it, and with scale-to-zero no worker would even start for it. A live worker starts its job within
         milliseconds of taking it, so one still unstarted after a lease period was lost; a frozen worker that
         comes back later is refused by `start`, which only runs the video's current RQ job.
+
+        An entry of the failed registry that needs nothing (its video started, ended, is gone, or runs under a
+        newer RQ job) is removed once looked at: the job record says how the video ended, so the pass costs
+        what is new since the last one, not an hour of RQ's failures every pass.
         """
         now = time.time() if now is None else now
         grace = self.life.lease_ms / 1000
@@ -75,8 +79,8 @@ class Recovery:
             queue = self.store.queue(model)
             taken = queue.intermediate_queue.get_job_ids()
             started = queue.started_job_registry.get_job_ids(cleanup=False)
-            failed = queue.failed_job_registry.get_job_ids(cleanup=False)
-            for rq_id in dict.fromkeys([*taken, *started, *failed]):
+            failed = set(queue.failed_job_registry.get_job_ids(cleanup=False))
+            for rq_id in dict.fromkeys([*taken, *started, *sorted(failed)]):
                 try:
                     moved += self._check_delivery(queue, rq_id, rq_id in failed, now, grace)
                 except Exception:  # one bad entry must not stop the pass (nor the expiry sweep after it)
@@ -87,6 +91,9 @@ class Recovery:
         video_id = video_id_of(rq_id)
         rec = self.store.get(video_id)
         if rec is None or rec.status != "queued" or current_rq_id(self.r, video_id) != rq_id:
+            if failed:  # nothing to redeliver, now or later: RQ's copy is done with
+                queue.failed_job_registry.remove(rq_id)
+                self.store.forget_rq_job(queue.name, rq_id)
             return False  # started, final, gone, or an older RQ job of a requeued video
         if not failed:
             job = queue.fetch_job(rq_id)
