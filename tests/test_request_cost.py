@@ -8,6 +8,7 @@ from service.contract import keys
 from service.contract.jobs import JobStore, plan_job, video_id_of
 from service.contract.lifecycle import Lifecycle
 from service.contract.models import TINY
+from service.contract.recovery import Recovery
 from service.contract.schemas import VideoCreate
 from service.contract.settings import Settings
 from tests.test_security import ALICE, auth, make_client
@@ -89,3 +90,18 @@ def test_queue_positions_are_the_order_workers_take_jobs_in(r):
     assert order == [ids[1], ids[2], ids[4], ids[5]]
     assert positions == {video_id: n for n, video_id in enumerate(order)}
     assert r.zcard(keys.queued(SPEC.id)) == 4
+
+
+def test_the_janitor_prunes_entries_a_worker_of_the_previous_release_left(r):
+    """A worker without the line starts a job without removing it: the janitor drops such entries, so they do
+    not count as jobs ahead for good."""
+    settings = Settings(heartbeat_s=3600)
+    store = JobStore(r, settings)
+    store.announce(SPEC, "w")
+    ids = queue_jobs(store, "o", 4)
+    rec = store.get(ids[1]).model_copy(update={"status": "in_progress"})
+    r.set(keys.video(ids[1]), rec.model_dump_json())  # started as the previous release starts a job
+    r.delete(keys.video(ids[2]))  # gone
+    assert [v.queue_position for v in store.view_many([store.get(ids[3])])] == [3]
+    assert Recovery(store).prune_lines() == 2
+    assert [v.queue_position for v in store.view_many([store.get(ids[0]), store.get(ids[3])])] == [0, 1]

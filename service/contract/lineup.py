@@ -38,6 +38,22 @@ local out = {}
 for i, id in ipairs(ARGV) do out[i] = redis.call('zrank', KEYS[1], id) or -1 end
 return out
 """
+# KEYS: the model's index. ARGV: how many entries to look at from the head of each band, the record key prefix,
+# then each band's score range (min, max). Drops the entries whose video is not queued any more; returns how many.
+_PRUNE = """
+local dropped = 0
+for band = 3, #ARGV, 2 do
+  local ids = redis.call('zrangebyscore', KEYS[1], ARGV[band], ARGV[band + 1], 'LIMIT', 0, tonumber(ARGV[1]))
+  for _, id in ipairs(ids) do
+    local raw = redis.call('get', ARGV[2] .. id)
+    if not raw or cjson.decode(raw).status ~= 'queued' then
+      redis.call('zrem', KEYS[1], id)
+      dropped = dropped + 1
+    end
+  end
+end
+return dropped
+"""
 # Where a lane's places start (front pushes are negative): scores stay exact integers in a double below 2**53.
 BANDS = {"interactive": 2**50, "batch": 2**51}
 
@@ -56,6 +72,17 @@ def positions(pipe: Any, model: str, video_ids: list[str]) -> None:
     """Queue the ranks of `video_ids` in `model`'s line on `pipe`: its reply is one list, -1 for a video that is
     not in the index (queued by a release without it)."""
     pipe.eval(_RANKS, 1, keys.queued(model), *video_ids)
+
+
+def prune(r: Any, model: str, head: int = 50) -> int:
+    """Drop the entries at the head of `model`'s line whose video is not queued any more (the janitor, once a
+    pass). Nothing this release does leaves one: a worker of the release before the line starts jobs without
+    removing them, and they would count as jobs ahead (and toward the queue depth) for good. Stale entries are
+    the oldest of their band, so they reach its head; the check is in Redis, one round trip, atomic with the
+    removal."""
+    interactive, batch = BANDS["interactive"], BANDS["batch"]
+    bands = ["-inf", f"({interactive}", interactive, f"({batch}", batch, "+inf"]
+    return int(r.eval(_PRUNE, 1, keys.queued(model), head, keys.video(""), *bands))
 
 
 def eta(own_s: float | None, position: int | None, workers: int, now: float, progress: int = 0) -> float | None:

@@ -10,7 +10,7 @@ import threading
 import time
 from typing import Any
 
-from service.contract import keys
+from service.contract import keys, lineup
 from service.contract.jobs import JobStore, current_rq_id, video_id_of
 from service.contract.lifecycle import Lifecycle
 from service.contract.storage import Storage
@@ -112,6 +112,10 @@ class Recovery:
         self.r.delete(keys.limbo(rq_id))
         return True
 
+    def prune_lines(self) -> int:
+        """Each model's line without entries of videos that are no longer queued (lineup.prune)."""
+        return sum(lineup.prune(self.r, model) for model in self.store.queue_models())
+
     def sweep_expired(self, storage: Storage, now: float | None = None, batch: int = 100) -> int:
         """Delete the stored assets of videos past their expires_at."""
         due = self.r.zrangebyscore(keys.EXPIRY, "-inf", now or time.time(), start=0, num=batch)
@@ -127,7 +131,7 @@ class Recovery:
         if not self.r.set(keys.JANITOR_LOCK, holder, nx=True, px=max(200, int(self.settings.heartbeat_s * 900))):
             return
         # Each step on its own: one that fails (a bad record, storage away) must not stop the others.
-        for step in (self.reap, self.redeliver, lambda: self.sweep_expired(storage)):
+        for step in (self.reap, self.redeliver, self.prune_lines, lambda: self.sweep_expired(storage)):
             try:
                 step()
             except Exception:
