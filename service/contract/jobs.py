@@ -142,10 +142,26 @@ def plan_job(req: VideoCreate, spec: ModelSpec, has_image: bool) -> JobRecord:
     )
 
 
+# KEYS: the record. ARGV: the video id, the key prefixes of the lines, timings and workers, the cutoff of a
+# worker's last beat to count as online. Reply: {} (gone), {record} (finished), or {record, rank (-1: not in the
+# line), timing hash as a flat list, workers online}.
+_READ = """
+local raw = redis.call('get', KEYS[1])
+if not raw then return {} end
+local rec = cjson.decode(raw)
+if rec.status ~= 'queued' and rec.status ~= 'in_progress' then return {raw} end
+local rank = -1
+if rec.status == 'queued' then rank = redis.call('zrank', ARGV[2] .. rec.model, ARGV[1]) or -1 end
+local workers = redis.call('zcount', ARGV[4] .. rec.model, ARGV[5], '+inf')
+return {raw, rank, redis.call('hgetall', ARGV[3] .. rec.model), workers}
+"""
+
+
 class JobStore:
     def __init__(self, r: redis.Redis, settings: Settings) -> None:
         self.r = r
         self.settings = settings
+        self._read = r.register_script(_READ)
 
     # -- jobs ---------------------------------------------------------------------------------------------
 
@@ -254,24 +270,46 @@ class JobStore:
         ranks: dict[str, int] = {}
         for i, model in enumerate(models):
             ranks |= zip(queued[model], map(int, replies[3 * i + 2]), strict=True)
-        views = []
-        for rec in records:
-            if rec.status in TERMINAL:
-                views.append(rec.public())
-                continue
-            own = self.estimate_s(rec, timing[rec.model])
-            if rec.status == "in_progress":
-                eta = lineup.eta(own, None, workers[rec.model], now, rec.progress)
-                views.append(rec.public(estimated_completion_at=None if eta is None else int(eta)))
-                continue
-            position: int | None = ranks[rec.id]
-            if position == -1:  # queued by a release without the index: RQ's list says where it is
-                position = self.queue(rec.model).get_job_position(current_rq_id(self.r, rec.id))
-            # Not in the queue any more: a worker has just taken it and is starting it, so it is next in line.
-            position = 0 if position is None else int(position)
-            eta = lineup.eta(own, position, workers[rec.model], now)
-            views.append(rec.public(queue_position=position, estimated_completion_at=None if eta is None else int(eta)))
-        return views
+        return [self._live(rec, timing, workers, ranks, now) for rec in records]
+
+    def get_view(self, video_id: str) -> tuple[JobRecord, Video] | None:
+        """The record and its public object with the live fields, in one round trip (a script reads the record,
+        and for a video not finished its position, its model's timing and workers online); None if gone."""
+        now = time.time()
+        cutoff = now - self._offline_after()
+        prefixes = [keys.queued(""), keys.timing(""), keys.workers("")]
+        reply = self._read(keys=[keys.video(video_id)], args=[video_id, *prefixes, cutoff])
+        if not reply:
+            return None
+        rec = JobRecord.model_validate_json(reply[0])
+        if len(reply) == 1 or rec.status in TERMINAL:
+            return rec, rec.public()
+        flat = reply[2]
+        timing = {rec.model: _timing(dict(zip(flat[::2], flat[1::2], strict=True)))}
+        view = self._live(rec, timing, {rec.model: int(reply[3])}, {rec.id: int(reply[1])}, now)
+        return rec, view
+
+    def _live(
+        self,
+        rec: JobRecord,
+        timing: dict[str, dict[str, float] | None],
+        workers: dict[str, int],
+        ranks: dict[str, int],
+        now: float,
+    ) -> Video:
+        if rec.status in TERMINAL:
+            return rec.public()
+        own = self.estimate_s(rec, timing[rec.model])
+        if rec.status == "in_progress":
+            eta = lineup.eta(own, None, workers[rec.model], now, rec.progress)
+            return rec.public(estimated_completion_at=None if eta is None else int(eta))
+        position: int | None = ranks[rec.id]
+        if position == -1:  # queued by a release without the index: RQ's list says where it is
+            position = self.queue(rec.model).get_job_position(current_rq_id(self.r, rec.id))
+        # Not in the queue any more: a worker has just taken it and is starting it, so it is next in line.
+        position = 0 if position is None else int(position)
+        eta = lineup.eta(own, position, workers[rec.model], now)
+        return rec.public(queue_position=position, estimated_completion_at=None if eta is None else int(eta))
 
     def record_timing(self, rec: JobRecord, step_s: float, overhead_s: float) -> None:
         """A worker's measured seconds per step and per-job overhead, normalised per megavoxel (EWMA)."""

@@ -12,7 +12,7 @@ from service.contract.jobs import INPUT_IMAGE, VARIANTS, JobRecord, JobStore, as
 from service.contract.lifecycle import Lifecycle, QueueFull
 from service.contract.models import resolve_alias
 from service.contract.problems import Conflict, Gone, InvalidParameter, NotFound
-from service.contract.schemas import Priority, VideoCreate
+from service.contract.schemas import Priority, Video, VideoCreate
 from service.contract.settings import Settings
 from service.contract.storage import Storage, StorageError
 from service.gateway.admission import (
@@ -204,6 +204,14 @@ def get_owned(store: JobStore, video_id: str, owner: str) -> JobRecord:
     if rec is None or rec.owner != owner:
         raise VideoNotFound(video_id)
     return rec
+
+
+def get_owned_view(store: JobStore, video_id: str, owner: str) -> tuple[JobRecord, Video]:
+    """get_owned, with the video object's live fields, in one round trip."""
+    found = store.get_view(video_id) if video_id.startswith("video_") else None
+    if found is None or found[0].owner != owner:
+        raise VideoNotFound(video_id)
+    return found
 
 
 @dataclass

@@ -153,8 +153,8 @@ def list_videos(
 @router.get("/videos/{video_id}", response_model=Video, responses=responses(404, 401, 429, 503))
 def retrieve_video(video_id: VideoId, owner: OwnerDep, store: StoreDep) -> Response:
     """The video object: status and progress while it is made, then timestamps or the error."""
-    rec = videos.get_owned(store, video_id, owner)
-    return _json(store.view(rec), None if rec.status in TERMINAL else {"openai-poll-after-ms": POLL_AFTER_MS})
+    rec, view = videos.get_owned_view(store, video_id, owner)
+    return _json(view, None if rec.status in TERMINAL else {"openai-poll-after-ms": POLL_AFTER_MS})
 
 
 @router.get(
