@@ -202,8 +202,18 @@ def measure(r: redis.Redis, server: Server, endpoint: str, target: str | None, c
     }
 
 
+def settle(r: redis.Redis, quiet_s: float = 0.3, limit_s: float = 5.0) -> None:
+    """Wait until Redis has been idle for quiet_s (at most limit_s): a server may still be answering requests of
+    the wrk run before, which would count against the next exact count."""
+    deadline, last = time.monotonic() + limit_s, None
+    while time.monotonic() < deadline and (now := sum(commands(r).values())) != last:
+        last = now
+        time.sleep(quiet_s)
+
+
 def count(r: redis.Redis, server: Server, endpoint: str, target: str | None, n: int = 20) -> dict:
     """Redis commands per request, exactly: n requests one after the other (no retries, nothing in flight)."""
+    settle(r)
     method, _, path = endpoint.partition(" ")
     headers = {"Authorization": f"Bearer {API_KEY}"} if server.kind == "k5serve" else {}
     with httpx.Client(base_url=server.base, headers=headers, timeout=60) as client:
