@@ -1,15 +1,16 @@
 """Gateway bench: k5serve's gateway beside a bare FastAPI + uvicorn app doing the equivalent Redis work.
 
-    python -m bench.gateway                    # a few minutes: concurrency 1/16/64, 1k/10k records, 1k queued
-    python -m bench.gateway --full             # 100k records and 10k queued too, longer and more repeats
+    python -m bench.gateway                    # ~5 min: concurrency 1/16/64; 1k/10k/100k records, 1k/10k queued
+    python -m bench.gateway --full             # the same with 5 runs of 3 s, and the processes section
     python -m bench.gateway --smoke            # seconds: every section once, tiny (the tests run it)
 
 Both servers are real processes on one real redis-server, no worker attached: the tiny text-to-video model is
 announced online as a worker would announce it. Runs are interleaved (k5serve, baseline, baseline, k5serve...)
-and each figure is the median of --repeat runs. Before each run the database is emptied and seeded again, so
-each server meets the same state. Redis commands per request come from INFO commandstats deltas: exactly, over
-20 requests one after the other, and under load, over each wrk run (that one includes WATCH retries, and the up
-to `concurrency` requests still in flight when wrk stops, which weigh on slow endpoints).
+and each figure is the median of --repeat runs. The database is emptied and seeded once per state, both
+servers' data side by side; reads change nothing and the POST runs come last. Redis commands per request
+(those run inside scripts included) come from INFO commandstats deltas: exactly, over 20 requests one after
+the other, and under load, over each wrk run (that one includes the up to `concurrency` requests still in
+flight when wrk stops, which weigh on slow endpoints).
 The load comes from wrk (compiled, one thread): on 2 cores a Python client would take the servers' CPU.
 
 Sections: `main` (POST, GET one, list 100, models at each concurrency); `scale` (the same at 1k-100k completed
@@ -41,7 +42,7 @@ from bench import gateway_baseline, load
 from bench.report import table
 from service.console.localstack import RedisServer, free_port, stop_process, wait_for_port
 from service.contract import keys
-from service.contract.jobs import JobStore, plan_job
+from service.contract.jobs import JobStore, new_video_id, plan_job
 from service.contract.models import TINY
 from service.contract.schemas import VideoCreate
 from service.contract.settings import Settings
@@ -105,6 +106,17 @@ def k5serve(redis_url: str, tmp: Path, workers: int, legacy: bool = False) -> tu
     return [sys.executable, *cmd], env, port
 
 
+# KEYS: the owner's index. ARGV: record JSON, its id (replaced), id prefix, first and end number, TTL, key prefix.
+_SEED_COMPLETED = """
+for i = tonumber(ARGV[4]), tonumber(ARGV[5]) - 1 do
+  local id = ARGV[3] .. string.format('%016x', i)
+  local body = string.gsub(ARGV[1], ARGV[2], id, 1)
+  redis.call('set', ARGV[7] .. id, body, 'EX', ARGV[6])
+  redis.call('zadd', KEYS[1], 0, id)
+end
+"""
+
+
 class State:
     """Empties the database and seeds it the same way for both servers before every run."""
 
@@ -122,31 +134,44 @@ class State:
         return {"k5serve": newest, "baseline": gateway_baseline.seed(self.r, records + queued)}
 
     def _completed(self, n: int) -> str | None:
+        """n completed videos of the bench's key, written by a script inside Redis (a Python loop took 46 s for
+        100k on a loaded machine): the same record under ids that keep the id format, in id order."""
+        if n == 0:
+            return None
         done = plan_job(VideoCreate(**REQUEST), SPEC, has_image=False)
         now = int(time.time())
         done = done.model_copy(
             update={"status": "completed", "progress": 100, "completed_at": now, "owner": self.owner}
         )
-        template, newest = done.model_dump_json(), None
-        for start in range(0, n, 2000):
-            with self.r.pipeline(transaction=False) as pipe:
-                for i in range(start, min(n, start + 2000)):
-                    newest = f"video_{time.time_ns():016x}{i:016x}"
-                    pipe.set(keys.video(newest), template.replace(done.id, newest), ex=self.store.record_ttl_s)
-                    pipe.zadd(keys.videos(self.owner), {newest: 0})
-                pipe.execute()
-        return newest
+        prefix = f"video_{time.time_ns():016x}"
+        template = done.model_dump_json(exclude_none=True)
+        for start in range(0, n, 10_000):
+            self.r.eval(
+                _SEED_COMPLETED,
+                1,
+                keys.videos(self.owner),
+                template,
+                done.id,
+                prefix,
+                start,
+                min(n, start + 10_000),
+                self.store.record_ttl_s,
+                keys.video("X").removesuffix("X"),
+            )
+        return f"{prefix}{n - 1:016x}"
 
     def _queued(self, n: int) -> str | None:
         """n jobs as POST creates them (record, index, in-flight set, RQ job), pipelined."""
         newest = None
+        planned = plan_job(VideoCreate(**REQUEST), SPEC, has_image=False)
+        planned.owner = self.owner
         for start in range(0, n, 500):
             with self.r.pipeline() as pipe:
                 pipe.multi()  # RQ's enqueue joins a transaction only
                 for _ in range(start, min(n, start + 500)):
-                    rec = plan_job(VideoCreate(**REQUEST), SPEC, has_image=False)
-                    rec.owner, newest = self.owner, rec.id
-                    pipe.set(keys.video(rec.id), rec.model_dump_json())
+                    rec = planned.model_copy(update={"id": new_video_id()})
+                    newest = rec.id
+                    pipe.set(keys.video(rec.id), rec.model_dump_json(exclude_none=True))
                     pipe.zadd(keys.videos(self.owner), {rec.id: 0})
                     pipe.sadd(keys.inflight(self.owner), rec.id)
                     self.store.enqueue(pipe, SPEC.id, rec.id, rec.id, description=f"video {rec.id}")
@@ -177,8 +202,18 @@ def measure(r: redis.Redis, server: Server, endpoint: str, target: str | None, c
     }
 
 
+def settle(r: redis.Redis, quiet_s: float = 0.3, limit_s: float = 5.0) -> None:
+    """Wait until Redis has been idle for quiet_s (at most limit_s): a server may still be answering requests of
+    the wrk run before, which would count against the next exact count."""
+    deadline, last = time.monotonic() + limit_s, None
+    while time.monotonic() < deadline and (now := sum(commands(r).values())) != last:
+        last = now
+        time.sleep(quiet_s)
+
+
 def count(r: redis.Redis, server: Server, endpoint: str, target: str | None, n: int = 20) -> dict:
     """Redis commands per request, exactly: n requests one after the other (no retries, nothing in flight)."""
+    settle(r)
     method, _, path = endpoint.partition(" ")
     headers = {"Authorization": f"Bearer {API_KEY}"} if server.kind == "k5serve" else {}
     with httpx.Client(base_url=server.base, headers=headers, timeout=60) as client:
@@ -201,18 +236,24 @@ def median_row(runs: list[dict]) -> dict:
 def compare(
     state: State, servers: list[Server], cases: list[tuple[str, int]], repeat: int, seconds: float, **seed: int
 ) -> list[dict]:
-    """Each (endpoint, concurrency) on each server, interleaved, `repeat` times; medians per case and server."""
+    """Each (endpoint, concurrency) on each server, interleaved, `repeat` times; medians per case and server.
+
+    The database is seeded once per call: reads change nothing, and POSTs run last (they add videos, which
+    cost the later requests nothing: every request's Redis work is independent of how many there are)."""
+    targets = state.reset(**seed)
+    endpoints = sorted(dict.fromkeys(e for e, _ in cases), key=lambda e: e.startswith("POST"))
     runs: dict[tuple[str, int, str], list[dict]] = {}
-    for rep in range(repeat):
-        for endpoint, conc in cases:
-            for server in servers if rep % 2 == 0 else servers[::-1]:
-                targets = state.reset(**seed)
-                got = measure(state.r, server, endpoint, targets[server.kind], conc, seconds)
-                runs.setdefault((endpoint, conc, server.name), []).append(got)
     exact = {}
-    for endpoint in dict.fromkeys(e for e, _ in cases):
-        for server in servers:
-            exact[(endpoint, server.name)] = count(state.r, server, endpoint, state.reset(**seed)[server.kind])
+    for endpoint in endpoints:
+        for server in servers:  # exactly, before the runs: the state as seeded
+            state.store.announce(SPEC, "bench-worker")  # a worker's heartbeat: the model stays online
+            exact[(endpoint, server.name)] = count(state.r, server, endpoint, targets[server.kind])
+        for conc in (c for e, c in cases if e == endpoint):
+            for rep in range(repeat):
+                for server in servers if rep % 2 == 0 else servers[::-1]:
+                    state.store.announce(SPEC, "bench-worker")
+                    got = measure(state.r, server, endpoint, targets[server.kind], conc, seconds)
+                    runs.setdefault((endpoint, conc, server.name), []).append(got)
     rows = []
     for endpoint, conc in cases:
         row: dict = {"endpoint": endpoint, "concurrency": conc}
@@ -344,21 +385,21 @@ def render(out: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="every section once, in seconds (a wiring check)")
-    parser.add_argument("--full", action="store_true", help="100k records and 10k queued, 5 runs of 5 s")
-    parser.add_argument("--duration", type=float, help="seconds per run (default 2; --full 5)")
+    parser.add_argument("--full", action="store_true", help="5 runs of 3 s per figure, and the processes section")
+    parser.add_argument("--duration", type=float, help="seconds per run (default 1.5; --full 3)")
     parser.add_argument("--repeat", type=int, help="runs per figure, median reported (default 3; --full 5)")
-    parser.add_argument("--sections", default="main,scale,processes")
+    parser.add_argument("--sections", help="default main,scale (--full and --smoke: main,scale,processes)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
     load.wrk_path()  # says how to install it, before anything starts
-    args.sections = args.sections.split(",")
     full, smoke = args.full, args.smoke
-    args.duration = args.duration or (1 if smoke else 5 if full else 2)
+    args.sections = (args.sections or ("main,scale,processes" if full or smoke else "main,scale")).split(",")
+    args.duration = args.duration or (1 if smoke else 3 if full else 1.5)
     args.repeat = args.repeat or (1 if smoke else 5 if full else 3)
     args.concurrency = [1] if smoke else [1, 16, 64]
     args.scale_concurrency = 16
-    args.records = [100] if smoke else [1000, 10_000, 100_000] if full else [1000, 10_000]
-    args.queued = [] if smoke else [1000, 10_000] if full else [1000]
+    args.records = [100] if smoke else [1000, 10_000, 100_000]
+    args.queued = [] if smoke else [1000, 10_000]
     args.process_concurrency = [1] if smoke else [1, 16]
     out = run(args)
     print(render(out))

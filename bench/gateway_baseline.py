@@ -98,16 +98,23 @@ def create_app() -> FastAPI:
     return app
 
 
+# ARGV: video JSON, its id (replaced), id prefix, first and end number, key prefix, queue key.
+_SEED = """
+for i = tonumber(ARGV[4]), tonumber(ARGV[5]) - 1 do
+  local id = ARGV[3] .. string.format('%016x', i)
+  redis.call('hset', ARGV[6] .. id, 'json', (string.gsub(ARGV[1], ARGV[2], id, 1)))
+  redis.call('rpush', ARGV[7], id)
+end
+"""
+
+
 def seed(r: redis.Redis, n: int) -> str | None:
-    """n queued videos as POST would store them; returns the newest id."""
-    newest = None
-    base = time.time_ns()
-    for start in range(0, n, 2000):
-        with r.pipeline(transaction=False) as pipe:
-            for i in range(start, min(n, start + 2000)):
-                newest = f"video_{base + i:016x}{secrets.token_hex(8)}"
-                video = video_object(newest, "a seeded video", TINY_MODEL, "64x64", "1")
-                pipe.hset(video_key(newest), "json", json.dumps(video))
-                pipe.rpush(QUEUE, newest)
-            pipe.execute()
-    return newest
+    """n queued videos as POST would store them, written by a script inside Redis; returns the newest id."""
+    if n == 0:
+        return None
+    prefix = f"video_{time.time_ns():016x}"
+    template_id = f"{prefix}{0:016x}"
+    video = json.dumps(video_object(template_id, "a seeded video", TINY_MODEL, "64x64", "1"))
+    for start in range(0, n, 10_000):
+        r.eval(_SEED, 0, video, template_id, prefix, start, min(n, start + 10_000), video_key(""), QUEUE)
+    return f"{prefix}{n - 1:016x}"

@@ -14,7 +14,7 @@ from rq import Queue, SimpleWorker
 
 from service.contract.jobs import JobStore, plan_job
 from service.contract.lifecycle import Lifecycle
-from service.contract.models import resolve_model
+from service.contract.models import TINY, resolve_model
 from service.contract.recovery import Recovery
 from service.contract.schemas import VideoCreate
 from service.contract.settings import Settings
@@ -91,3 +91,22 @@ def test_an_abandoned_delivery_outlives_rq_maintenance_until_the_janitor_redeliv
     assert rec.id in queue.failed_job_registry.get_job_ids(cleanup=False)
     assert Recovery(store).redeliver() == 1
     assert queue.count == 1 and store.get(rec.id).status == "queued"
+
+
+def test_the_janitor_settles_each_failed_entry_once(r):
+    """A failed RQ job whose video needs nothing more (here: cancelled) leaves RQ's failed registry at the next
+    pass, so later passes do not look at it again: a pass costs what is new, not an hour of failures."""
+    store = JobStore(r, Settings(heartbeat_s=0.2))
+    spec = TINY["k5-tiny-t2v"]
+    queue = Queue(spec.id, connection=r)
+    request = VideoCreate(prompt="a lighthouse", size="64x64")
+    recs = [plan_job(request, spec, has_image=False) for _ in range(3)]
+    for rec in recs:
+        Lifecycle(store).create(rec)
+        job = queue.fetch_job(rec.id)
+        queue.remove(rec.id)  # as a worker takes it, and then files it failed (RQ's own call)
+        queue.failed_job_registry.add(job, ttl=HOUR, exc_string="boom")
+        Lifecycle(store).cancel(rec.id)
+    assert r.zcard(queue.failed_job_registry.key) == 3 and len(per_job_keys(r)) == 3
+    assert Recovery(store).redeliver() == 0
+    assert r.zcard(queue.failed_job_registry.key) == 0 and per_job_keys(r) == {}

@@ -41,14 +41,19 @@ class IdempotencyKey:
         raw = conn.get(self.redis_key)
         if raw is None:
             return None
-        held = json.loads(raw)
+        video_id = self.held_video(raw)
+        return video_id if conn.exists(keys.video(video_id)) else None
+
+    def held_video(self, binding: str | bytes) -> str:
+        """The video a binding of this key names; raises Conflict when it was made for another request."""
+        held = json.loads(binding)
         if held["fingerprint"] != self.fingerprint:
             raise Conflict(
                 "This Idempotency-Key was already used with a different request.",
                 param="Idempotency-Key",
                 code="idempotency_key_reused",
             )
-        return held["video_id"] if conn.exists(keys.video(held["video_id"])) else None
+        return held["video_id"]
 
 
 def bound_video_id(raw: bytes | str | None) -> str | None:

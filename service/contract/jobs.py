@@ -17,7 +17,7 @@ import redis
 from rq import Queue
 from rq.job import Job
 
-from service.contract import keys
+from service.contract import keys, lineup
 from service.contract.models import CATALOGUE, ModelSpec, find_spec, parse_size
 from service.contract.problems import InvalidParameter
 from service.contract.record import JobRecord
@@ -173,10 +173,26 @@ def plan_job(req: VideoCreate, spec: ModelSpec, has_image: bool) -> JobRecord:
     )
 
 
+# KEYS: the record. ARGV: the video id, the key prefixes of the lines, timings and workers, the cutoff of a
+# worker's last beat to count as online. Reply: {} (gone), {record} (finished), or {record, rank (-1: not in the
+# line), timing hash as a flat list, workers online}.
+_READ = """
+local raw = redis.call('get', KEYS[1])
+if not raw then return {} end
+local rec = cjson.decode(raw)
+if rec.status ~= 'queued' and rec.status ~= 'in_progress' then return {raw} end
+local rank = -1
+if rec.status == 'queued' then rank = redis.call('zrank', ARGV[2] .. rec.model, ARGV[1]) or -1 end
+local workers = redis.call('zcount', ARGV[4] .. rec.model, ARGV[5], '+inf')
+return {raw, rank, redis.call('hgetall', ARGV[3] .. rec.model), workers}
+"""
+
+
 class JobStore:
     def __init__(self, r: redis.Redis, settings: Settings) -> None:
         self.r = r
         self.settings = settings
+        self._read = r.register_script(_READ)
 
     # -- jobs ---------------------------------------------------------------------------------------------
 
@@ -190,10 +206,19 @@ class JobStore:
         return Queue(name=model, connection=self.r)
 
     def enqueue(
-        self, pipe: Any, model: str, video_id: str, rq_id: str, *, description: str, at_front: bool = False
+        self,
+        pipe: Any,
+        model: str,
+        video_id: str,
+        rq_id: str,
+        *,
+        description: str,
+        at_front: bool = False,
+        place: bool = True,
     ) -> None:
-        """Put one RQ job for `video_id` on its model's queue, inside the caller's transaction. A requeued video
-        gets a new `rq_id` each time: the attempt record names the current one, and only that one may start."""
+        """Put one RQ job for `video_id` on its model's queue, inside the caller's transaction, and give the video
+        its place in line (lineup.py; place=False: the caller's script does). A requeued video gets a new `rq_id`
+        each time: the attempt record names the current one, and only that one may start."""
         self.queue(model).enqueue_call(
             JOB_FUNC,
             args=(video_id,),
@@ -206,6 +231,8 @@ class JobStore:
             at_front=at_front,
             pipeline=pipe,
         )
+        if place:
+            lineup.add(pipe, model, video_id, front=at_front)
 
     def forget_rq_job(self, model: str, rq_id: str) -> None:
         """A dead or lost delivery's RQ job: out of the started registry, so RQ's own abandoned-job cleanup does
@@ -252,24 +279,67 @@ class JobStore:
 
     def view(self, rec: JobRecord) -> Video:
         """The public video object with its live fields filled in."""
+        return self.view_many([rec])[0]
+
+    def view_many(self, records: builtins.list[JobRecord]) -> builtins.list[Video]:
+        """The public video objects with their live fields (queue position, ETA), in one round trip for them all:
+        each model's timing and workers online once, and one ZRANK (lineup.py) per queued video."""
+        live = [rec for rec in records if rec.status not in TERMINAL]
+        if not live:
+            return [rec.public() for rec in records]
+        models = sorted({rec.model for rec in live})
+        queued = {m: [rec.id for rec in live if rec.status == "queued" and rec.model == m] for m in models}
+        now = time.time()
+        with self.r.pipeline(transaction=False) as pipe:
+            for model in models:
+                pipe.hgetall(keys.timing(model))
+                pipe.zcount(keys.workers(model), now - self._offline_after(), "+inf")
+                lineup.positions(pipe, model, queued[model])
+            replies = pipe.execute()
+        timing = {m: _timing(replies[3 * i]) for i, m in enumerate(models)}
+        workers = {m: int(replies[3 * i + 1]) for i, m in enumerate(models)}
+        ranks: dict[str, int] = {}
+        for i, model in enumerate(models):
+            ranks |= zip(queued[model], map(int, replies[3 * i + 2]), strict=True)
+        return [self._live(rec, timing, workers, ranks, now) for rec in records]
+
+    def get_view(self, video_id: str) -> tuple[JobRecord, Video] | None:
+        """The record and its public object with the live fields, in one round trip (a script reads the record,
+        and for a video not finished its position, its model's timing and workers online); None if gone."""
+        now = time.time()
+        cutoff = now - self._offline_after()
+        prefixes = [keys.queued(""), keys.timing(""), keys.workers("")]
+        reply = self._read(keys=[keys.video(video_id)], args=[video_id, *prefixes, cutoff])
+        if not reply:
+            return None
+        rec = JobRecord.model_validate_json(reply[0])
+        if len(reply) == 1 or rec.status in TERMINAL:
+            return rec, rec.public()
+        flat = reply[2]
+        timing = {rec.model: _timing(dict(zip(flat[::2], flat[1::2], strict=True)))}
+        view = self._live(rec, timing, {rec.model: int(reply[3])}, {rec.id: int(reply[1])}, now)
+        return rec, view
+
+    def _live(
+        self,
+        rec: JobRecord,
+        timing: dict[str, dict[str, float] | None],
+        workers: dict[str, int],
+        ranks: dict[str, int],
+        now: float,
+    ) -> Video:
         if rec.status in TERMINAL:
             return rec.public()
-        timing = self.timing(rec.model)
-        own = self.estimate_s(rec, timing)
-        now = time.time()
+        own = self.estimate_s(rec, timing[rec.model])
         if rec.status == "in_progress":
-            eta = None if own is None else now + own * (1 - rec.progress / 100)
+            eta = lineup.eta(own, None, workers[rec.model], now, rec.progress)
             return rec.public(estimated_completion_at=None if eta is None else int(eta))
-        # Its current RQ job (a requeued video waits under a new id); not in the queue any more means a worker
-        # has just taken it and is starting it: next in line.
-        position = self.queue(rec.model).get_job_position(current_rq_id(self.r, rec.id))
-        if position is None:
-            position = 0
-        workers = self.workers_online(rec.model)
-        eta = None
-        if own is not None and workers:
-            # Jobs ahead are assumed to be like this one; running jobs are on average half done.
-            eta = now + (position // workers + 0.5) * own + own
+        position: int | None = ranks[rec.id]
+        if position == -1:  # queued by a release without the index: RQ's list says where it is
+            position = self.queue(rec.model).get_job_position(current_rq_id(self.r, rec.id))
+        # Not in the queue any more: a worker has just taken it and is starting it, so it is next in line.
+        position = 0 if position is None else int(position)
+        eta = lineup.eta(own, position, workers[rec.model], now)
         return rec.public(queue_position=position, estimated_completion_at=None if eta is None else int(eta))
 
     def record_timing(self, rec: JobRecord, step_s: float, overhead_s: float) -> None:
@@ -284,8 +354,7 @@ class JobStore:
         self.r.hset(key, mapping={"step": new["step"], "overhead": new["overhead"]})
 
     def timing(self, model: str) -> dict[str, float] | None:
-        raw = self.r.hgetall(keys.timing(model))
-        return {keys.text(k): float(v) for k, v in raw.items()} if raw else None
+        return _timing(self.r.hgetall(keys.timing(model)))
 
     @staticmethod
     def estimate_s(rec: JobRecord, timing: dict[str, float] | None) -> float | None:
@@ -407,3 +476,8 @@ class JobStore:
             if spec is not None:
                 states.append((spec, int(workers), int(since or 0), sorted(keys.text(x) for x in layouts)))
         return states
+
+
+def _timing(raw: dict) -> dict[str, float] | None:
+    """A model's k5:timing hash as numbers; None until a worker has measured one."""
+    return {keys.text(k): float(v) for k, v in raw.items()} if raw else None

@@ -17,6 +17,10 @@ Jobs (written only by service/contract/lifecycle.py):
                          Redis list, which KEDA's redis trigger counts; RQ's own list holds only waiting jobs)
   k5:expiry              sorted set video id -> when the janitor deletes its stored files: expires_at of a
                          completed video, the end of a failed one, job_timeout_s after a DELETE
+  k5:queued:<model>      sorted set of the model's queued video ids -> their place in line (service/contract/
+                         jobs.py, QueueIndex): added in the transaction that puts the video on RQ's queue, removed
+                         in the one that moves it out of queued; ZRANK is its queue position
+  k5:seq:queued          the counter that numbers places in line (one key)
   k5:idem:<owner>:<hash> an Idempotency-Key (sha256) -> {fingerprint, video_id}
   k5:deadlines           sorted set video id -> deadline (unix seconds) of the queued jobs that have one: added
                          when a job enters the queue, removed when it leaves it (started, final, deleted)
@@ -51,6 +55,7 @@ def text(raw: Any) -> str:
 
 
 RUNNING = "k5:running"
+QUEUE_SEQ = "k5:seq:queued"
 EXPIRY = "k5:expiry"
 DEADLINES = "k5:deadlines"
 JANITOR_LOCK = "k5:lock:janitor"
@@ -75,6 +80,10 @@ def inflight(owner: str) -> str:
 
 def demand(model: str) -> str:
     return f"k5:demand:{model}"
+
+
+def queued(model: str) -> str:
+    return f"k5:queued:{model}"
 
 
 def attempt(video_id: str) -> str:

@@ -37,8 +37,9 @@ from typing import Any
 
 import redis
 
-from service.contract import deadlines, keys, usage, webhooks
-from service.contract.idempotency import IDEMPOTENCY_TTL_S, IdempotencyKey, bound_video_id, replay
+from service.contract import deadlines, keys, lineup, usage, webhooks
+from service.contract.creation import CommandRecorder, Creation, IndexPrune, QueueFull
+from service.contract.idempotency import IDEMPOTENCY_TTL_S, IdempotencyKey, bound_video_id
 from service.contract.jobs import JobStore, current_rq_id, new_rq_id, redis_clock
 from service.contract.record import JobRecord
 from service.contract.run import Run
@@ -47,7 +48,7 @@ from service.contract.transitions import EDGES, Move, Outcome, Snapshot, advance
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EDGES", "Lifecycle", "Move", "Outcome", "Run", "Snapshot"]
+__all__ = ["EDGES", "Lifecycle", "Move", "Outcome", "QueueFull", "Run", "Snapshot"]
 
 
 # Re-arm the lease only while this run still owns the job: a lease that lapsed during a pause comes back,
@@ -63,13 +64,6 @@ return 0
 # Queued with each creation, so the owner's index stays bounded without a reader: drops the ids, among the
 # owner's oldest (created before ARGV[1]: longer ago than a finished record lives), whose records are gone, a batch
 # at a time, and re-arms the index's own TTL. Ids sort by creation time (jobs.new_video_id), so the cut is a lex range.
-_PRUNE = """
-local ids = redis.call('ZRANGEBYLEX', KEYS[1], '-', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
-for _, id in ipairs(ids) do
-  if redis.call('EXISTS', ARGV[3] .. id) == 0 then redis.call('ZREM', KEYS[1], id) end
-end
-redis.call('EXPIRE', KEYS[1], ARGV[4])
-"""
 # Ids the prune looks at per creation: more than one, so it catches up with what creations left behind.
 PRUNE_BATCH = 20
 
@@ -93,6 +87,7 @@ class Lifecycle:
         self.store, self.r, self.settings = store, store.r, store.settings
         self._refresh = self.r.register_script(_REFRESH)
         self._release = self.r.register_script(_RELEASE)
+        self._creation = Creation(self.r)
 
     @property
     def lease_ms(self) -> int:
@@ -105,40 +100,59 @@ class Lifecycle:
     # -- the gateway's transitions ------------------------------------------------------------------------
 
     def create(
-        self, rec: JobRecord, max_inflight: int | None = None, idem: IdempotencyKey | None = None
+        self,
+        rec: JobRecord,
+        max_inflight: int | None = None,
+        idem: IdempotencyKey | None = None,
+        max_depth: int | None = None,
     ) -> JobRecord | None:
-        """Store the record and enqueue its job in one transaction: both happen or neither. Returns the record.
+        """Store the record and enqueue its job in one atomic step (creation.py): both happen or neither.
+        Returns the record.
 
-        With `idem`, the key is bound to the video in the same transaction; when it already names a video that
-        exists, nothing is created and that video's record is returned (a replay; Conflict for another request).
+        With `idem`, the key is bound to the video in the same step; when it already names a video that exists,
+        nothing is created and that video's record is returned (a replay; Conflict for another request).
         With `max_inflight`, only while the owner has fewer videos queued or in progress, checked in the same
-        transaction, so that concurrent requests cannot overshoot it together: None when it had as many.
+        step, so that concurrent requests cannot overshoot it together: None when it had as many. With
+        `max_depth`, only while the model has fewer videos queued: QueueFull when it had as many.
         """
         inflight = keys.inflight(rec.owner)
-        with self.r.pipeline() as pipe:
-            while True:
-                try:
-                    pipe.watch(inflight, *([idem.redis_key] if idem else []))
-                    if idem is not None and (earlier := replay(pipe, idem)) is not None:
-                        return earlier
-                    if max_inflight is not None and pipe.scard(inflight) >= max_inflight:
-                        return None
-                    pipe.multi()
-                    if idem is not None:
-                        rec.idempotency_key = idem.redis_key
-                        pipe.set(idem.redis_key, idem.binding(rec.id), ex=IDEMPOTENCY_TTL_S)
-                    pipe.set(keys.video(rec.id), rec.model_dump_json())
-                    pipe.zadd(keys.videos(rec.owner), {rec.id: 0})
-                    self._prune_index(pipe, rec.owner)
-                    pipe.sadd(inflight, rec.id)
-                    if rec.deadline_at is not None:
-                        pipe.zadd(keys.DEADLINES, {rec.id: rec.deadline_at})
-                    pipe.rpush(keys.demand(rec.model), rec.id)
-                    self.store.enqueue(pipe, rec.model, rec.id, rec.id, description=f"video {rec.id}")
-                    pipe.execute()
-                    break
-                except redis.WatchError:
-                    continue  # another of the owner's videos was created or finished meanwhile: check again
+        if idem is not None:
+            rec.idempotency_key = idem.redis_key  # so that DELETE can unbind it
+        writes: Any = CommandRecorder()  # typed loosely: redis-py types its commands for a client
+        writes.set(keys.video(rec.id), rec.model_dump_json(exclude_none=True))
+        writes.zadd(keys.videos(rec.owner), {rec.id: 0})
+        writes.sadd(inflight, rec.id)
+        if idem is not None:
+            writes.set(idem.redis_key, idem.binding(rec.id), ex=IDEMPOTENCY_TTL_S)
+        if rec.deadline_at is not None:
+            writes.zadd(keys.DEADLINES, {rec.id: rec.deadline_at})
+        writes.rpush(keys.demand(rec.model), rec.id)
+        self.store.enqueue(writes, rec.model, rec.id, rec.id, description=f"video {rec.id}", place=False)
+        takeover = ""
+        while True:
+            reply = self._creation.run(
+                inflight_key=inflight,
+                idem_key=idem.redis_key if idem else None,
+                model=rec.model,
+                video_id=rec.id,
+                commands=writes.commands,
+                max_inflight=max_inflight,
+                max_depth=max_depth,
+                lane=rec.priority or "batch",
+                takeover=takeover,
+                prune=self._index_prune(rec.owner),
+            )
+            if reply[0] == "ok":
+                break
+            if reply[0] == "inflight":
+                return None
+            if reply[0] == "depth":
+                raise QueueFull(rec.model)
+            assert idem is not None  # "held": the key names a video already
+            raw = self.r.get(keys.video(idem.held_video(reply[1])))
+            if raw is not None:
+                return JobRecord.model_validate_json(raw)
+            takeover = reply[1]  # its video is gone: this request takes the key over, unless another did
         log.info("queued", extra={"video_id": rec.id, "model": rec.model})
         return rec
 
@@ -202,6 +216,7 @@ class Lifecycle:
                     pipe.delete(keys.video(vid), keys.attempt(vid), hooks)
                     pipe.zrem(keys.videos(rec.owner), vid)
                     pipe.zrem(keys.DEADLINES, vid)
+                    lineup.drop(pipe, rec.model, vid)
                     if deliveries:
                         pipe.delete(*(keys.webhook(d) for d in deliveries))
                         pipe.zrem(keys.WEBHOOKS_DUE, *deliveries)
@@ -214,10 +229,13 @@ class Lifecycle:
                 except redis.WatchError:
                     continue  # a delivery was queued or the key rebound meanwhile: look again
 
-    def _prune_index(self, pipe: Any, owner: str) -> None:
+    def _index_prune(self, owner: str) -> IndexPrune:
+        """What the create script does to the owner's index besides adding the video: forget up to PRUNE_BATCH
+        of its oldest ids whose records are gone (ids sort by creation time, so only those older than a record
+        lives), and keep the index alive as long as its newest record."""
         ttl = self.store.record_ttl_s
         cutoff = f"(video_{int((time.time() - ttl) * 1e9):016x}"
-        pipe.eval(_PRUNE, 1, keys.videos(owner), cutoff, PRUNE_BATCH, keys.video(""), ttl)
+        return IndexPrune(keys.videos(owner), cutoff, PRUNE_BATCH, keys.video(""), ttl)
 
     # -- a worker's run ------------------------------------------------------------------------------------
 
@@ -395,7 +413,7 @@ class Lifecycle:
     def _write(self, pipe: Any, snap: Snapshot, move: Move) -> None:
         rec, video_id = move.record, move.record.id
         akey, lkey = keys.attempt(video_id), keys.lease(video_id)
-        pipe.set(keys.video(video_id), rec.model_dump_json(), keepttl=True)
+        pipe.set(keys.video(video_id), rec.model_dump_json(exclude_none=True), keepttl=True)
         moved = snap.record is None or snap.record.status != rec.status
         publish_change(pipe, rec, moved=moved)
         if move.attempts is not None:
@@ -412,6 +430,8 @@ class Lifecycle:
             self.store.enqueue(
                 pipe, rec.model, video_id, move.rq_id, description=f"video {video_id} ({move.edge})", at_front=True
             )
+        if snap.record is not None and snap.record.status == "queued" and rec.status != "queued":
+            lineup.drop(pipe, rec.model, video_id)  # started, cancelled or given up: no longer in line
         if snap.record is not None and snap.record.status == "in_progress" and rec.status != "in_progress":
             pipe.delete(lkey)
             pipe.srem(keys.RUNNING, video_id)

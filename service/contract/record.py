@@ -15,7 +15,7 @@ from typing import Any
 from PIL import Image
 from pydantic import BaseModel, ConfigDict
 
-from service.contract.schemas import TERMINAL, Status, Video, VideoError, VideoUsage
+from service.contract.schemas import TERMINAL, Priority, Status, Video, VideoError, VideoUsage
 
 RECORD_VERSION = 2
 
@@ -79,6 +79,8 @@ class JobRecord(BaseModel):
     webhook_url: str | None = None
     enhance_prompt: bool | None = None
     started_at: float | None = None
+    # The lane it was queued in (schemas.Priority); None for a record of a release without lanes.
+    priority: Priority | None = None
     # Storage prefix of the run that completed the video: each run writes under its own prefix, so a run that
     # lost its job can neither overwrite nor delete what the run that completed it stored. None: `<id>/` (v1).
     assets: str | None = None
@@ -89,8 +91,11 @@ class JobRecord(BaseModel):
     resumed_from_step: int | None = None
 
     def public(self, **live: Any) -> Video:
-        """The public video object; `live` adds the fields computed on read (queue position, ETA)."""
-        return Video(
+        """The public video object; `live` adds the fields computed on read (queue position, ETA).
+
+        Built without validating again: every field comes from this record, validated when it was read, and a
+        list page builds a hundred of them."""
+        return Video.model_construct(
             id=self.id,
             model=self.model,
             status=self.status,
@@ -113,6 +118,7 @@ class JobRecord(BaseModel):
             # A finished video that never ran used nothing: zeros, not "unknown".
             usage=self.usage or (VideoUsage() if self.status in TERMINAL else None),
             resumed_from_step=self.resumed_from_step,
+            priority=self.priority,
             **live,
         )
 

@@ -11,7 +11,7 @@ import threading
 import time
 from typing import Any
 
-from service.contract import keys
+from service.contract import keys, lineup
 from service.contract.jobs import JobStore, current_rq_id, redis_clock, video_id_of
 from service.contract.lifecycle import Lifecycle
 from service.contract.storage import Storage
@@ -71,6 +71,10 @@ class Recovery:
 
         `now` is on Redis's clock (jobs.redis_clock): the janitor passes of different processes compare it only
         with what they noted on that clock before.
+
+        An entry of the failed registry that needs nothing (its video started, ended, is gone, or runs under a
+        newer RQ job) is removed once looked at: the job record says how the video ended, so the pass costs
+        what is new since the last one, not an hour of RQ's failures every pass.
         """
         now = redis_clock(self.r) if now is None else now
         grace = self.life.lease_ms / 1000
@@ -79,8 +83,8 @@ class Recovery:
             queue = self.store.queue(model)
             taken = queue.intermediate_queue.get_job_ids()
             started = queue.started_job_registry.get_job_ids(cleanup=False)
-            failed = queue.failed_job_registry.get_job_ids(cleanup=False)
-            for rq_id in dict.fromkeys([*taken, *started, *failed]):
+            failed = set(queue.failed_job_registry.get_job_ids(cleanup=False))
+            for rq_id in dict.fromkeys([*taken, *started, *sorted(failed)]):
                 try:
                     moved += self._check_delivery(queue, rq_id, rq_id in failed, now, grace)
                 except Exception:  # one bad entry must not stop the pass (nor the expiry sweep after it)
@@ -91,6 +95,9 @@ class Recovery:
         video_id = video_id_of(rq_id)
         rec = self.store.get(video_id)
         if rec is None or rec.status != "queued" or current_rq_id(self.r, video_id) != rq_id:
+            if failed:  # nothing to redeliver, now or later: RQ's copy is done with
+                queue.failed_job_registry.remove(rq_id)
+                self.store.forget_rq_job(queue.name, rq_id)
             return False  # started, final, gone, or an older RQ job of a requeued video
         if not failed:
             # When the janitor first saw it so, on Redis's clock: RQ's started_at is the taking worker's own
@@ -124,6 +131,10 @@ class Recovery:
                 self.r.zrem(keys.DEADLINES, video_id)
         return failed
 
+    def prune_lines(self) -> int:
+        """Each model's line without entries of videos that are no longer queued (lineup.prune)."""
+        return sum(lineup.prune(self.r, model) for model in self.store.queue_models())
+
     def sweep_expired(self, storage: Storage, now: float | None = None, batch: int = 100) -> int:
         """Delete the stored assets of videos past their expires_at."""
         due = self.r.zrangebyscore(keys.EXPIRY, "-inf", now or time.time(), start=0, num=batch)
@@ -139,7 +150,13 @@ class Recovery:
         if not self.r.set(keys.JANITOR_LOCK, holder, nx=True, px=max(200, int(self.settings.heartbeat_s * 900))):
             return
         # Each step on its own: one that fails (a bad record, storage away) must not stop the others.
-        for step in (self.reap, self.redeliver, self.expire_deadlines, lambda: self.sweep_expired(storage)):
+        for step in (
+            self.reap,
+            self.redeliver,
+            self.expire_deadlines,
+            self.prune_lines,
+            lambda: self.sweep_expired(storage),
+        ):
             try:
                 step()
             except Exception:

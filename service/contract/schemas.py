@@ -12,6 +12,8 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, computed_field
 
 Status = Literal["queued", "in_progress", "completed", "failed"]
+# Lanes of a model's queue: every worker of the model takes interactive jobs before batch ones.
+Priority = Literal["interactive", "batch"]
 TERMINAL: frozenset[str] = frozenset({"completed", "failed"})
 
 MAX_PROMPT_CHARS = 32_000
@@ -114,6 +116,11 @@ class VideoCreate(BaseModel):
         allow_inf_nan=False,
         description="k5serve extension: the deadline as an absolute unix time (seconds), at most a week ahead.",
     )
+    priority: Priority | None = Field(
+        None,
+        description="k5serve extension: `interactive` jobs are taken before `batch` ones by every worker of the "
+        "model; up to the API key's ceiling (set by the operator), which is also the default.",
+    )
 
 
 class VideoRemix(BaseModel):
@@ -183,7 +190,10 @@ class Video(BaseModel):
         description="Extension: the denoising step the job went on from after its worker was stopped (a saved "
         "checkpoint); the steps before it were not run again. None when it ran from step 0.",
     )
-    queue_position: int | None = Field(None, description="While queued: jobs ahead of this one in its model's queue.")
+    priority: Priority | None = Field(None, description="The lane the job was queued in.")
+    queue_position: int | None = Field(
+        None, description="While queued: jobs ahead of this one in its model's queue (both lanes)."
+    )
     estimated_completion_at: int | None = Field(
         None, description="While not finished: estimated unix time of completion, from measured step times."
     )

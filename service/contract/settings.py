@@ -101,6 +101,9 @@ class Settings(BaseSettings):
     max_inflight_per_key: int = Field(16, ge=1)
     # Per-model cap on queued jobs; beyond it new requests get 429.
     max_queue_depth: int = Field(1000, ge=1)
+    # The highest lane a key may ask for ("interactive", ahead of "batch"), and the lane of its requests that
+    # name none; a key's own entry overrides it ("<key> priority=batch" in K5_API_KEYS or the keys file).
+    priority_ceiling: Literal["interactive", "batch"] = "interactive"
     # -- usage (GET /v1/usage, k5_usage_* metrics) ------------------------------------------------------------
     # Days an owner's daily usage totals stay in Redis (and the longest range GET /v1/usage sums).
     usage_retention_days: int = Field(400, ge=1, le=3660)

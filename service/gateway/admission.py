@@ -8,7 +8,7 @@ import hashlib
 import time
 from collections.abc import Callable
 
-from service.contract import keys
+from service.contract import keys, lineup
 from service.contract.jobs import JobRecord, JobStore
 from service.contract.problems import Conflict, InvalidParameter, Throttled, Unavailable
 from service.contract.schemas import MAX_DEADLINE_S, TERMINAL, VideoCreate
@@ -34,14 +34,21 @@ def unserved_message(requested: str, model: str, store: JobStore, settings: Sett
 def check_capacity(store: JobStore, settings: Settings, owner: str, model: str) -> None:
     """Backpressure before anything is stored: the key's jobs in flight, and the model's queue.
 
-    The in-flight limit is checked again, atomically, when the job is created (Lifecycle.create); this early
-    check only spares a request that would be refused the image upload. The queue depth is checked here only:
-    a burst of concurrent requests can overshoot it by the burst's size, which is fine for a load-shedding cap.
+    Both are checked again, atomically, when the job is created (Lifecycle.create); this early check only
+    spares a request with an image that would be refused the upload.
     """
-    if store.inflight(owner) >= settings.max_inflight_per_key:
+    with store.r.pipeline(transaction=False) as pipe:
+        pipe.scard(keys.inflight(owner))
+        pipe.zcard(keys.queued(model))
+        inflight, depth = pipe.execute()
+    if inflight >= settings.max_inflight_per_key:
         raise too_many_inflight(store, settings, owner)
-    if store.queue(model).count >= settings.max_queue_depth:
-        raise too_many(f"The queue of model {model} is full; retry later.", "queue_full", 30)
+    if depth >= settings.max_queue_depth:
+        raise queue_full(model)
+
+
+def queue_full(model: str) -> Throttled:
+    return too_many(f"The queue of model {model} is full; retry later.", "queue_full", 30)
 
 
 def check_storage(call: Callable[[], None]) -> None:
@@ -76,7 +83,7 @@ def first_slot_free_s(store: JobStore, owner: str, fallback_s: float = 5.0) -> f
     records = [rec for rec in records if rec.status not in TERMINAL]
     records.sort(key=lambda rec: (rec.status != "in_progress", rec.created_at))
     now = time.time()
-    etas = [store.view(rec).estimated_completion_at for rec in records[:4]]
+    etas = [view.estimated_completion_at for view in store.view_many(records[:4])]
     known = [eta - now for eta in etas if eta is not None]
     return min(max(min(known), 1.0), 3600.0) if known else fallback_s
 
@@ -125,22 +132,21 @@ def deadline_of(req: VideoCreate, now: float) -> float | None:
 
 
 def check_deadline(store: JobStore, rec: JobRecord, now: float, param: str) -> None:
-    """Refuse up front a job that cannot finish by its deadline: its ETA is the wait for its place at the end of
-    its model's queue plus its own run, both from the workers' measured step times (JobStore.estimate_s), with
-    the video object's assumption that the jobs ahead are like this one and the running ones half done. Until
-    a job of the model has been timed, or while no worker is online (scale-to-zero), the job is accepted: the
-    deadline still fails it if it has not started in time."""
+    """Refuse up front a job that cannot finish by its deadline: its ETA is the wait for the place it would take
+    in its model's line (its lane's end: lineup.ahead_of_new) plus its own run, both from the workers' measured
+    step times (JobStore.estimate_s), as the video object estimates it (lineup.eta). Until a job of the model has
+    been timed, or while no worker is online (scale-to-zero), the job is accepted: the deadline still fails it
+    if it has not started in time."""
     if rec.deadline_at is None:
         return
     own = store.estimate_s(rec, store.timing(rec.model))
     workers = store.workers_online(rec.model)
     if own is None or not workers:
         return
-    queue = store.queue(rec.model)
-    ahead = queue.count
-    idle = ahead == 0 and queue.started_job_registry.count < workers
-    wait = 0.0 if idle else (ahead // workers + 0.5) * own
-    eta = now + wait + own
+    ahead = lineup.ahead_of_new(store.r, rec.model, rec.priority or "batch")
+    idle = ahead == 0 and store.queue(rec.model).started_job_registry.count < workers
+    eta = now + own if idle else lineup.eta(own, ahead, workers, now)
+    assert eta is not None  # own and workers are known
     if eta > rec.deadline_at:
         raise Conflict(
             f"The deadline is {rec.deadline_at - now:.0f} s away, but this video is estimated to complete in "

@@ -10,16 +10,20 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from typing import cast
 
 import redis
 
 from service.contract import keys
 from service.contract.problems import Throttled
+from service.contract.schemas import Priority
 from service.contract.settings import Settings
 
 log = logging.getLogger(__name__)
 
 ANONYMOUS = "anonymous"
+# The lanes of schemas.Priority, highest first.
+LANES = ("interactive", "batch")
 
 
 class AuthError(Exception):
@@ -31,18 +35,33 @@ def owner_of(digest: str) -> str:
 
 
 class KeyRing:
-    """The configured keys as digest -> owner id; the plain keys are not kept."""
+    """The configured keys as digest -> owner id, and each key's priority ceiling; the plain keys are not kept.
+
+    An entry is the key, optionally followed by attributes: `sk-... priority=batch` caps that key at the batch
+    lane (K5_PRIORITY_CEILING is the ceiling of every other key)."""
 
     def __init__(self, settings: Settings) -> None:
-        keys = list(settings.api_keys)
+        entries = list(settings.api_keys)
         if settings.api_keys_file is not None:
             try:
                 lines = settings.api_keys_file.read_text().splitlines()
             except OSError as e:
                 raise SystemExit(f"K5_API_KEYS_FILE {settings.api_keys_file} cannot be read: {e}") from e
-            keys += [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
-        digests = {hashlib.sha256(k.encode()).hexdigest() for k in keys}
-        self.owners = {d: owner_of(d) for d in digests}
+            entries += [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+        self.default_ceiling: Priority = settings.priority_ceiling
+        self.owners: dict[str, str] = {}
+        self.ceilings: dict[str, Priority] = {}
+        for entry in entries:
+            key, *attributes = entry.split()
+            digest = hashlib.sha256(key.encode()).hexdigest()
+            owner = self.owners[digest] = owner_of(digest)
+            for attribute in attributes:
+                name, _, value = attribute.partition("=")
+                if name != "priority" or value not in LANES:
+                    raise SystemExit(
+                        f"API key entry: unknown attribute {attribute!r}; the one there is: priority={'|'.join(LANES)}"
+                    )
+                self.ceilings[owner] = cast(Priority, value)
         self.anonymous = not self.owners
         if self.anonymous and not settings.allow_anonymous:
             raise SystemExit(
@@ -53,6 +72,10 @@ class KeyRing:
             log.warning("!!! NO API KEYS: the gateway serves ANYONE without authentication (K5_ALLOW_ANONYMOUS) !!!")
         else:
             log.info("API keys loaded", extra={"keys": len(self.owners)})
+
+    def ceiling(self, owner: str) -> Priority:
+        """The highest lane `owner`'s requests may ask for, and the lane of those that name none."""
+        return self.ceilings.get(owner, self.default_ceiling)
 
     def authenticate(self, authorization: str | None) -> str:
         """The owner id of a request's bearer token; raises AuthError."""
@@ -67,21 +90,27 @@ class KeyRing:
         return owner
 
 
+# Count a request in its window and give the window its lifetime, atomically, as one command (EVALSHA): every
+# request pays this, and a MULTI/INCR/EXPIRE/EXEC was four.
+_COUNT = """
+local n = redis.call('incr', KEYS[1])
+redis.call('expire', KEYS[1], ARGV[1])
+return n
+"""
+
+
 class Limits:
     """Per-key request rate (fixed one-minute windows in Redis, shared by every gateway replica)."""
 
     def __init__(self, r: redis.Redis, settings: Settings) -> None:
         self.r = r
         self.per_min = settings.rate_limit_per_min
+        self._count = r.register_script(_COUNT)
 
     def check_rate(self, owner: str) -> None:
         now = time.time()
         window = int(now // 60)
-        key = keys.rate(owner, window)
-        with self.r.pipeline() as pipe:
-            pipe.incr(key)
-            pipe.expire(key, 120)
-            count = pipe.execute()[0]
+        count = int(self._count(keys=[keys.rate(owner, window)], args=[120]))
         if count > self.per_min:
             raise too_many(
                 f"Rate limit of {self.per_min} requests per minute exceeded.", "rate_limited", (window + 1) * 60 - now

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 
 from service.contract.jobs import JobStore
-from service.contract.models import ModelSpec
+from service.contract.models import ModelSpec, find_spec
 
 
 @dataclass(frozen=True)
@@ -32,12 +32,39 @@ class Roster:
         self._states: list[ModelState] | None = None
         self._read_at = 0.0
 
-    def models(self) -> list[ModelState]:
-        """The known models, announced ones first, as of at most max_age_s ago."""
+    def models(self, fresh: bool = False) -> list[ModelState]:
+        """The known models, announced ones first, as of at most max_age_s ago (fresh: now)."""
         # One reader refreshes while concurrent requests wait for its answer instead of each reading Redis.
         with self._lock:
             now = time.monotonic()
-            if self._states is None or now - self._read_at >= self.max_age_s:
+            if fresh or self._states is None or now - self._read_at >= self.max_age_s:
                 self._states = [ModelState(*state) for state in self.store.model_states()]
                 self._read_at = now
             return self._states
+
+    def served_spec(self, model: str) -> ModelSpec | None:
+        """JobStore.served_spec from this state: a model with a worker online, or declared served. A model that
+        is not served as of the last read is looked up again at once, so a worker that has just come online
+        is not refused for up to a heartbeat; one that has just gone is accepted for up to a heartbeat, and its
+        jobs wait in the queue as they would for a pool scaled to zero."""
+        for fresh in (False, True):
+            for state in self.models(fresh):
+                if state.spec.id == model and (state.workers > 0 or model in self.store.settings.served_model_ids):
+                    return state.spec
+        return None
+
+    def default_model(self) -> str | None:
+        """JobStore.default_model from this state: the setting, else the first text-to-video model online, else
+        the first declared one."""
+        settings = self.store.settings
+        if settings.default_model:
+            return settings.default_model
+        for fresh in (False, True):
+            online = sorted(s.spec.id for s in self.models(fresh) if s.workers > 0 and s.spec.task == "text-to-video")
+            if online:
+                return online[0]
+        for model in settings.served_model_ids:
+            declared = find_spec(model)
+            if declared and declared.task == "text-to-video":
+                return model
+        return None

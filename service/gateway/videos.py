@@ -9,10 +9,10 @@ from pathlib import Path
 
 from service.contract.idempotency import IdempotencyKey, replay
 from service.contract.jobs import INPUT_IMAGE, VARIANTS, JobRecord, JobStore, asset_key, plan_job, redis_clock
-from service.contract.lifecycle import Lifecycle
+from service.contract.lifecycle import Lifecycle, QueueFull
 from service.contract.models import resolve_alias
-from service.contract.problems import Conflict, Gone, NotFound
-from service.contract.schemas import VideoCreate
+from service.contract.problems import Conflict, Gone, InvalidParameter, NotFound
+from service.contract.schemas import Priority, Video, VideoCreate
 from service.contract.settings import Settings
 from service.contract.storage import Storage, StorageError
 from service.gateway.admission import (
@@ -22,10 +22,12 @@ from service.gateway.admission import (
     check_webhook_url,
     deadline_of,
     fingerprint,
+    queue_full,
     too_many_inflight,
     unserved_message,
 )
 from service.gateway.images import decode_data_url, prepare_image
+from service.gateway.roster import Roster
 
 log = logging.getLogger(__name__)
 
@@ -42,15 +44,19 @@ def submit(
     settings: Settings,
     image: bytes | None = None,
     *,
+    roster: Roster,
     owner: str = "anonymous",
+    ceiling: Priority = "interactive",
     idempotency_key: str | None = None,
     remixed_from: str | None = None,
 ) -> tuple[JobRecord, bool]:
     """Validate a request against its model, store its input image, record and enqueue the job.
 
-    Returns the record and whether it is a replay of an earlier request with the same Idempotency-Key.
+    Returns the record and whether it is a replay of an earlier request with the same Idempotency-Key. The
+    models served come from the roster (read once per heartbeat), not from Redis on every request. `ceiling`:
+    the highest lane the key may ask for, and its lane when the request names none.
     """
-    requested = req.model or store.default_model()
+    requested = req.model or roster.default_model()
     if requested is None:
         raise NotFound(
             "No model given and no text-to-video model is being served.",
@@ -58,15 +64,22 @@ def submit(
             code="model_not_found",
         )
     model = resolve_alias(requested, settings.aliases)
-    spec = store.served_spec(model)
+    spec = roster.served_spec(model)
     if spec is None:
         raise NotFound(unserved_message(requested, model, store, settings), param="model", code="model_not_found")
     if req.webhook_url is not None:
         check_webhook_url(req.webhook_url, settings)
     if image is None and req.input_reference is not None:
         image = decode_data_url(req.input_reference.image_url)
+    if req.priority == "interactive" and ceiling != "interactive":
+        raise InvalidParameter(
+            f"This API key may queue at most '{ceiling}' jobs; send priority '{ceiling}' or none.",
+            param="priority",
+            code="priority_not_allowed",
+        )
     rec = plan_job(req, spec, has_image=image is not None)
     rec.owner = owner
+    rec.priority = req.priority or ceiling
     rec.remixed_from_video_id = remixed_from
     now = redis_clock(store.r) if req.deadline_s is not None or req.deadline_at is not None else 0.0
     rec.deadline_at = deadline_of(req, now)
@@ -76,7 +89,8 @@ def submit(
         # A replay makes no new job: it is answered before any limit, and without storing its image again.
         if (earlier := replay(store.r, idem)) is not None:
             return earlier, True
-    check_capacity(store, settings, owner, spec.id)
+    if image is not None:  # limits before the upload; without one, the create step checks them on its own
+        check_capacity(store, settings, owner, spec.id)
     check_deadline(store, rec, now, "deadline_s" if req.deadline_s is not None else "deadline_at")
     check_storage(storage.available)
     if image is not None:
@@ -91,7 +105,13 @@ def submit(
         key = rec.input_key = asset_key(rec.id, INPUT_IMAGE)
         check_storage(lambda: storage.put_bytes(key, png, "image/png"))
     try:
-        made = Lifecycle(store).create(rec, max_inflight=settings.max_inflight_per_key, idem=idem)
+        made = Lifecycle(store).create(
+            rec, max_inflight=settings.max_inflight_per_key, idem=idem, max_depth=settings.max_queue_depth
+        )
+    except QueueFull as e:
+        if rec.input_key:
+            storage.delete_prefix(rec.id)
+        raise queue_full(e.model) from None
     except BaseException:
         if rec.input_key:
             storage.delete_prefix(rec.id)
@@ -111,7 +131,9 @@ def remix(
     storage: Storage,
     settings: Settings,
     *,
+    roster: Roster,
     owner: str,
+    ceiling: Priority = "interactive",
     idempotency_key: str | None = None,
 ) -> tuple[JobRecord, bool]:
     """POST /v1/videos/{id}/remix: a new job like a completed video, with a new prompt (through submit, so every
@@ -146,7 +168,18 @@ def remix(
     )
     # A key names one remix of one source: the same key on another source is another request.
     key = None if idempotency_key is None else f"remix:{source.id}:{idempotency_key}"
-    return submit(req, store, storage, settings, image, owner=owner, idempotency_key=key, remixed_from=source.id)
+    return submit(
+        req,
+        store,
+        storage,
+        settings,
+        image,
+        roster=roster,
+        owner=owner,
+        ceiling=ceiling,
+        idempotency_key=key,
+        remixed_from=source.id,
+    )
 
 
 def cancel(store: JobStore, video_id: str, owner: str) -> JobRecord:
@@ -176,6 +209,14 @@ def get_owned(store: JobStore, video_id: str, owner: str) -> JobRecord:
     if rec is None or rec.owner != owner:
         raise VideoNotFound(video_id)
     return rec
+
+
+def get_owned_view(store: JobStore, video_id: str, owner: str) -> tuple[JobRecord, Video]:
+    """get_owned, with the video object's live fields, in one round trip."""
+    found = store.get_view(video_id) if video_id.startswith("video_") else None
+    if found is None or found[0].owner != owner:
+        raise VideoNotFound(video_id)
+    return found
 
 
 @dataclass

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Path
+from fastapi import APIRouter, Depends, Path, Response
 
 from service.contract.models import CATALOGUE
 from service.contract.problems import NotFound
@@ -40,11 +40,19 @@ def _model_object(state: ModelState) -> ModelObject:
     )
 
 
+# The listing's JSON as of the roster's last read: it changes only when the roster reads Redis again.
+_listing: tuple[object, bytes] | None = None
+
+
 @router.get("/models", response_model=ModelList, responses=responses(401, 429, 503))
-def list_models(roster: RosterDep) -> ModelList:
+def list_models(roster: RosterDep) -> Response:
     """Every model this deployment knows, online ones first (as of the last worker heartbeat)."""
-    objects = [_model_object(state) for state in roster.models()]
-    return ModelList(data=sorted(objects, key=lambda m: not m.online))
+    global _listing
+    states = roster.models()
+    if _listing is None or _listing[0] is not states:
+        objects = [_model_object(state) for state in states]
+        _listing = (states, ModelList(data=sorted(objects, key=lambda m: not m.online)).model_dump_json().encode())
+    return Response(_listing[1], media_type="application/json")
 
 
 @router.get("/models/{model_id}", response_model=ModelObject, responses=responses(401, 404, 429, 503))
