@@ -38,12 +38,10 @@ def start_worker(env: dict[str, str], log: Path, name: str, **extra: str) -> sub
 
 
 def frames_of(storage: S3Storage, prefix: str) -> bytes:
-    """The generated frames as stored without loss of determinism: the spritesheet (16 of the 25 frames at full
-    size, JPEG) and the thumbnail (the middle frame, WebP). The MP4 is not compared: libx264 as PyAV drives it
-    encodes identical frames into one of two different streams from run to run (seen here: 2 distinct files in
-    30 encodes of the same frames, decoding to 11 of 25 equal frames), which is what made a rerun look different
-    from a fresh run; the frames themselves are byte-identical (tests/test_resume_state.py)."""
-    return b"".join(storage.get_bytes(asset_key(prefix, name)) for name in ("spritesheet.jpg", "thumbnail.webp"))
+    """Everything a run stored of its frames: the MP4 (the same frames always encode to the same bytes,
+    worker/encode.py's x264_params), the spritesheet and the thumbnail."""
+    names = ("video.mp4", "spritesheet.jpg", "thumbnail.webp")
+    return b"".join(storage.get_bytes(asset_key(prefix, name)) for name in names)
 
 
 @pytest.fixture
