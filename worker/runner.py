@@ -125,6 +125,8 @@ class JobRun:
         self._fingerprint = ""
         self._latest_state: checkpoint.DenoiseState | None = None
         self._saved_step = -1
+        # Whether a checkpoint of the job may be in storage, an earlier run's (the record says it saved one).
+        self._saved_before = False
 
     def run(self) -> None:
         started = time.time()
@@ -203,7 +205,7 @@ class JobRun:
         self.log.info("job completed", extra={"seconds": round(seconds, 3)})
 
     def _delete_checkpoint(self) -> None:
-        if self.ctx.checkpoints is not None:
+        if self.ctx.checkpoints is not None and (self._saved_before or self._saved_step >= 0):
             self.ctx.checkpoints.delete(self.video_id)
 
     def _delete_own(self, run: Run) -> None:
@@ -297,7 +299,7 @@ class JobRun:
         assert self.ctx.checkpoints is not None and self._ckpt_run is not None
         span = PHASE["decode"] - PHASE["denoise"]
         # Ownership first: a run that lost its job must not replace the state of the run that owns it now.
-        self._progress(self._ckpt_run, PHASE["denoise"] + span * state.step // max(state.total, 1))
+        self._progress(self._ckpt_run, PHASE["denoise"] + span * state.step // max(state.total, 1), state.step)
         try:
             self.ctx.checkpoints.save(self.video_id, state, self._fingerprint)
             self._saved_step = state.step
@@ -311,7 +313,10 @@ class JobRun:
         if ckpts is None:
             return {}
         self._ckpt_run, self._fingerprint = run, checkpoint.fingerprint(self.ctx.pipeline, req)
-        resume = ckpts.load(self.video_id, self._fingerprint, req.num_inference_steps)
+        # Only a job whose record says a run saved its state looks for it, so a first run asks storage nothing at
+        # its start: a storage outage stalls no new job there, and no job pays a request for a missing file.
+        self._saved_before = run.record.checkpoint_step is not None
+        resume = ckpts.load(self.video_id, self._fingerprint, req.num_inference_steps) if self._saved_before else None
         start = resume.step if resume is not None else None
         # Where this run starts, on the record (the video object shows it, usage counts the steps it saved).
         if (outcome := run.progress(resumed_from_step=start)) is not Outcome.DONE:
@@ -352,10 +357,11 @@ class JobRun:
             figures["step_s"] = generate_s / max(1, run.record.num_inference_steps)
         return figures
 
-    def _progress(self, run: Run, progress: int) -> None:
+    def _progress(self, run: Run, progress: int, checkpoint_step: int | None = None) -> None:
         # Every step reads the record: a cancelled, deleted or lost job stops here, within one step. The usage
         # so far goes with it, so a job that ends now (cancelled, failed) still says what it used.
-        if (outcome := run.progress(progress, usage=self.meter.usage())) is not Outcome.DONE:
+        changes = {"checkpoint_step": checkpoint_step} if checkpoint_step is not None else {}
+        if (outcome := run.progress(progress, usage=self.meter.usage(), **changes)) is not Outcome.DONE:
             raise Stopped(outcome)
 
 

@@ -89,6 +89,9 @@ class JobRecord(BaseModel):
     idempotency_key: str | None = None
     # The step the current (or last) run resumed from a checkpoint at, so the steps it saved; None: from step 0.
     resumed_from_step: int | None = None
+    # The step of the last checkpoint a run of it stored (worker/checkpoint.py), written just before the save:
+    # a run looks for one, and deletes it at the end, only when this says there may be one. None: never saved.
+    checkpoint_step: int | None = None
 
     def public(self, **live: Any) -> Video:
         """The public video object; `live` adds the fields computed on read (queue position, ETA).
