@@ -18,12 +18,14 @@ import redis
 import torch
 
 from service.console.localstack import free_port, stop_process
-from service.contract.jobs import JobStore
+from service.contract.jobs import JobStore, asset_key, plan_job
 from service.contract.lifecycle import Lifecycle
 from service.contract.models import SPEC_FILE, resolve_model
 from service.contract.parallel import Layout, parse
 from service.contract.record import GenerationRequest
+from service.contract.schemas import VideoCreate
 from service.contract.settings import Settings
+from service.contract.storage import open_storage
 from tests import parallel_group
 from tests.conftest import ROOT
 from tests.test_recovery import new_job
@@ -130,6 +132,7 @@ def test_a_killed_rank_requeues_its_job_and_the_group_restarts(
         "K5_S3_ENDPOINT_URL": s3_server.endpoint,
         "K5_HEARTBEAT_S": "0.5",
         "K5_PARALLEL": "cfg=2",
+        "K5_CHECKPOINT_EVERY_STEPS": "2",  # the killed run has saved its state: the next group resumes it
         "K5_METRICS_PORT": str(free_port()),
         "HF_HUB_OFFLINE": "1",
         "PYTHONUNBUFFERED": "1",
@@ -156,14 +159,23 @@ def test_a_killed_rank_requeues_its_job_and_the_group_restarts(
         )
         assert done.status == "completed", done
         assert proc.poll() is None and not set(ranks) & set(_ranks(proc.pid))
+        # The restarted group went on from the killed run's checkpoint, every rank from the same state.
+        assert done.resumed_from_step is not None and done.resumed_from_step >= 2, done
 
         # Cancellation stops every rank at the same step: the group serves the next job.
         cancelled = new_job(store, spec, steps=50, seconds="2")
         wait_until(lambda: store.get(cancelled.id).progress > 10, 60, "second job running", log)
         Lifecycle(store).cancel(cancelled.id)
         wait_until(lambda: "job cancelled while running" in log.read_text(), 60, "the run stopping", log)
-        after = new_job(store, spec, steps=2)
-        wait_until(lambda: store.get(after.id).status == "completed", 120, "a job after the cancel", log)
+        # The same request run without interruption makes the same MP4 as the resumed one, byte for byte.
+        again = plan_job(
+            VideoCreate(prompt="a lighthouse", num_inference_steps=50, seconds="2", seed=done.seed), spec, False
+        )
+        Lifecycle(store).create(again)
+        wait_until(lambda: store.get(again.id).status == "completed", 120, "a job after the cancel", log)
+        storage = open_storage(s3_settings)
+        video = [storage.get_bytes(asset_key(store.get(v).asset_prefix, "video.mp4")) for v in (job.id, again.id)]
+        assert video[0] == video[1], "the resumed run's video differs from an uninterrupted run's"
         # SIGTERM reaches rank 0, which stops as a one-GPU worker does; the supervisor exits 0 with its ranks.
         restarted = _ranks(proc.pid)
         proc.send_signal(signal.SIGTERM)
