@@ -4,6 +4,12 @@ with INFO commandstats on a real redis-server (commands run inside scripts inclu
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from service.console.localstack import RedisServer
 from service.contract import keys
 from service.contract.jobs import JobStore, plan_job, video_id_of
 from service.contract.lifecycle import Lifecycle
@@ -44,9 +50,19 @@ def queue_jobs(store: JobStore, owner: str, n: int) -> list[str]:
     return ids
 
 
-def test_request_cost_does_not_grow_with_the_queue_or_the_page(r, redis_server, tmp_path):
+@pytest.fixture
+def own_redis(tmp_path) -> Iterator[RedisServer]:
+    """A redis-server for this test alone: INFO commandstats counts the whole server, and the session's stack
+    (its workers' heartbeats, its janitor) runs on the shared one."""
+    server = RedisServer(tmp_path / "redis", die_with_owner=True).start()
+    yield server
+    server.stop()
+
+
+def test_request_cost_does_not_grow_with_the_queue_or_the_page(own_redis, tmp_path):
+    r = redis.Redis.from_url(own_redis.url.replace("/0", "/1"))
     # A heartbeat of an hour: neither the janitor nor the models' roster reads Redis while requests are counted.
-    with make_client(redis_server, tmp_path, heartbeat_s=3600, max_inflight_per_key=10**6, max_queue_depth=10**6) as c:
+    with make_client(own_redis, tmp_path, heartbeat_s=3600, max_inflight_per_key=10**6, max_queue_depth=10**6) as c:
         store = JobStore(r, c.app.state.settings)
         owner = c.app.state.keys.authenticate(f"Bearer {ALICE}")
         costs = []
