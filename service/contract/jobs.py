@@ -193,6 +193,10 @@ class JobStore:
         self.r = r
         self.settings = settings
         self._read = r.register_script(_READ)
+        # Sent by SHA (EVALSHA), not as text each time: a POST's ETA and /v1/models read the online counts.
+        self._announce = r.register_script(_ANNOUNCE)
+        self._online = r.register_script(_ONLINE)
+        self._layouts = r.register_script(_LAYOUTS)
 
     # -- jobs ---------------------------------------------------------------------------------------------
 
@@ -401,16 +405,14 @@ class JobStore:
             keys.workers(spec.id),
             keys.layouts(spec.id),
         ]
-        self.r.eval(
-            _ANNOUNCE,
-            5,
-            *model_keys,
+        args: list[str | float] = [
             spec.model_dump_json(),
             spec.id,
             worker,
             self._offline_after(),
             self.settings.parallel,
-        )
+        ]
+        self._announce(keys=model_keys, args=args)
 
     def retire(self, spec: ModelSpec, worker: str) -> None:
         self.r.zrem(keys.workers(spec.id), worker)
@@ -419,7 +421,7 @@ class JobStore:
         return 3 * self.settings.heartbeat_s + 5
 
     def workers_online(self, model: str) -> int:
-        return int(self.r.eval(_ONLINE, 1, keys.workers(model), self._offline_after()))
+        return int(self._online(keys=[keys.workers(model)], args=[self._offline_after()]))
 
     def announced_spec(self, model: str) -> ModelSpec | None:
         raw = self.r.get(keys.spec(model))
@@ -465,9 +467,9 @@ class JobStore:
         with self.r.pipeline(transaction=False) as pipe:
             for m in ids:
                 pipe.get(keys.spec(m))
-                pipe.eval(_ONLINE, 1, keys.workers(m), self._offline_after())
+                self._online(keys=[keys.workers(m)], args=[self._offline_after()], client=pipe)
                 pipe.get(keys.since(m))
-                pipe.eval(_LAYOUTS, 1, keys.layouts(m), self._offline_after())
+                self._layouts(keys=[keys.layouts(m)], args=[self._offline_after()], client=pipe)
             replies = pipe.execute()
         states = []
         for i, m in enumerate(ids):
