@@ -42,10 +42,8 @@ chromium: redis-server
 serve: install redis-server
 	$(BIN)/k5serve dev
 
-# Two test processes, each file on one of them (its module fixtures built once); each process starts its own
-# Redis, S3 and stack on free ports.
 test: install system-deps
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+	$(BIN)/python -m pytest -q
 
 # The quick lane while working: everything but the tests on real worker and gateway processes (marked `slow`).
 test-fast: install redis-server
