@@ -9,7 +9,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, RedirectResponse, StreamingResponse
 from pydantic import BaseModel
 
-from service.contract.jobs import Variant
+from service.contract.jobs import JobRecord, JobStore, Variant
 from service.contract.schemas import TERMINAL, VIDEO_ID_PATTERN, Video, VideoDeleted, VideoList
 from service.gateway import streams, videos
 from service.gateway.deps import OwnerDep, RosterDep, SettingsDep, StorageDep, StoreDep
@@ -82,6 +82,11 @@ async def create_video(
         ceiling=request.app.state.keys.ceiling(owner),
         idempotency_key=idempotency_key,
     )
+    return await _created(store, rec, replayed)
+
+
+async def _created(store: JobStore, rec: JobRecord, replayed: bool) -> Response:
+    """The answer to a create or a remix: the video object, marked when it is an Idempotency-Key replay."""
     view = await run_in_threadpool(store.view, rec)
     return _json(view, {"Idempotent-Replayed": "true"} if replayed else None)
 
@@ -125,8 +130,7 @@ async def remix_video(
         ceiling=request.app.state.keys.ceiling(owner),
         idempotency_key=idempotency_key,
     )
-    view = await run_in_threadpool(store.view, rec)
-    return _json(view, {"Idempotent-Replayed": "true"} if replayed else None)
+    return await _created(store, rec, replayed)
 
 
 @router.get("/videos", response_model=VideoList, responses=responses(400, 401, 429, 503))
