@@ -3,15 +3,19 @@ validation under random input (hypothesis). The gateway runs in-process against 
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import io
 import json
 import re
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import redis
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from PIL import Image
 
 from service.console.localstack import RedisServer, free_port
 from service.contract.jobs import JobStore
@@ -121,6 +125,73 @@ def test_rate_limit_is_429_with_retry_after(r, redis_server, tmp_path):
         assert 1 <= int(resp.headers["retry-after"]) <= 60 and int(resp.headers["retry-after-ms"]) >= 1000
         # Another key has its own budget.
         assert c.get("/v1/videos", headers=auth(BOB)).status_code == 200
+
+
+def rate_counts(r) -> int:
+    """The requests counted in every key's rate windows (both, should the minute turn during a test)."""
+    return sum(int(r.get(k) or 0) for k in r.scan_iter("k5:rate:*"))
+
+
+def test_every_request_is_counted_once_on_every_path_of_the_hot_routes(r, redis_server, tmp_path):
+    """POST /v1/videos and GET /v1/videos/{id} count a request inside the script that does their work (no round
+    trip of its own): each path, refused or not, must count it exactly once, and the 429 still wins."""
+    r1 = redis.Redis.from_url(redis_server.url.replace("/0", "/1"))
+    webp = io.BytesIO()
+    Image.new("RGB", (96, 64), (20, 120, 200)).save(webp, format="WEBP")
+    image = "data:image/webp;base64," + base64.b64encode(webp.getvalue()).decode()
+    with make_client(redis_server, tmp_path, rate_limit_per_min=1000) as c:
+        JobStore(c.app.state.store.r, c.app.state.settings).announce(TINY["k5-tiny-i2v"], "w-i2v")
+        owner = c.app.state.keys.authenticate(f"Bearer {ALICE}")
+        vid = c.post("/v1/videos", json={"prompt": "a"}, headers=auth(ALICE)).json()["id"]
+        requests = {
+            "plain POST": lambda: c.post("/v1/videos", json={"prompt": "b"}, headers=auth(ALICE)),
+            "POST with a key": lambda: c.post(
+                "/v1/videos", json={"prompt": "c"}, headers={**auth(ALICE), "Idempotency-Key": "k1"}
+            ),
+            "its replay": lambda: c.post(
+                "/v1/videos", json={"prompt": "c"}, headers={**auth(ALICE), "Idempotency-Key": "k1"}
+            ),
+            "POST with an image": lambda: c.post(
+                "/v1/videos",
+                json={"prompt": "d", "model": "k5-tiny-i2v", "input_reference": {"image_url": image}},
+                headers=auth(ALICE),
+            ),
+            "POST with a deadline": lambda: c.post(
+                "/v1/videos", json={"prompt": "e", "deadline_s": 600}, headers=auth(ALICE)
+            ),
+            "POST, unknown field": lambda: c.post("/v1/videos", json={"prompt": "f", "x": 1}, headers=auth(ALICE)),
+            "POST, bad size": lambda: c.post("/v1/videos", json={"prompt": "g", "size": "1x1"}, headers=auth(ALICE)),
+            "POST, not JSON": lambda: c.post(
+                "/v1/videos", content=b"{", headers={**auth(ALICE), "Content-Type": "application/json"}
+            ),
+            "POST, bad header": lambda: c.post(
+                "/v1/videos", json={"prompt": "h"}, headers={**auth(ALICE), "Idempotency-Key": "k" * 300}
+            ),
+            "GET": lambda: c.get(f"/v1/videos/{vid}", headers=auth(ALICE)),
+            "GET of no video": lambda: c.get("/v1/videos/video_" + "0" * 32, headers=auth(ALICE)),
+            "GET of a malformed id": lambda: c.get("/v1/videos/nonsense", headers=auth(ALICE)),
+            "GET of another key's": lambda: c.get(f"/v1/videos/{vid}", headers=auth(BOB)),
+        }
+        statuses = {}
+        for name, send in requests.items():
+            before = rate_counts(r1)
+            statuses[name] = send().status_code
+            assert rate_counts(r1) - before == 1, name
+        assert statuses["plain POST"] == statuses["GET"] == statuses["its replay"] == 200, statuses
+        assert statuses["POST with an image"] == statuses["POST with a deadline"] == 200, statuses
+        assert {statuses[n] for n in ("POST, unknown field", "POST, bad size", "POST, not JSON")} == {400}
+        assert statuses["GET of no video"] == statuses["GET of another key's"] == 404
+    # Over the limit, the 429 comes first on each path, and the refused create wrote nothing.
+    r1.delete(*r1.scan_iter("k5:rate:*"))
+    with make_client(redis_server, tmp_path, rate_limit_per_min=2) as c:
+        assert [c.get(f"/v1/videos/{vid}", headers=auth(ALICE)).status_code for _ in range(2)] == [200, 200]
+        for name in ("plain POST", "POST with a key", "POST with an image", "POST, bad size", "POST, not JSON",
+                     "GET", "GET of no video", "GET of a malformed id"):  # fmt: skip
+            resp = requests[name]()
+            assert resp.status_code == 429 and resp.json()["error"]["code"] == "rate_limited", (name, resp.text)
+            assert int(resp.headers["retry-after"]) >= 1
+        assert c.get("/v1/videos", params={"limit": 100}, headers=auth(BOB)).status_code == 200
+        assert r1.zcard(f"k5:videos:{owner}") == 5  # a, b, c, d, e: none of the refused ones
 
 
 def test_inflight_and_queue_depth_caps(r, redis_server, tmp_path):

@@ -17,16 +17,21 @@ from typing import Any
 
 from redis.commands.core import CoreCommands
 
-from service.contract import keys, lineup
+from service.contract import keys, lineup, ratelimit
 
 # KEYS: the owner's in-flight set, the Idempotency-Key (or any key when there is none), the model's line, the
-# place counter, RQ's list of the model, the owner's index. ARGV: max in flight (0: none), max queue depth (0:
-# none), whether there is an Idempotency-Key, the binding the key may hold to be taken over ('' for none), the
-# video id, the lane's base score, 1 for the interactive lane, the batch lane's base score, the index prune's
-# cutoff (an exclusive lex bound), batch size, record key prefix and index TTL, then each command as its argument
-# count and its arguments (RQ's push excluded: the script pushes, where the lane says).
-# Replies: {'ok'}, {'held', binding}, {'inflight'}, {'depth'}.
-_CREATE = """
+# place counter, RQ's list of the model, the owner's index, the request's rate window, the model's timing and its
+# workers' beats. ARGV: max in flight (0: none), max queue depth (0: none), whether there is an Idempotency-Key,
+# the binding the key may hold to be taken over ('' for none), the video id, the lane's base score, 1 for the
+# interactive lane, the batch lane's base score, the index prune's cutoff (an exclusive lex bound), batch size,
+# record key prefix and index TTL, the rate limit (0: counted already), how long a worker's beat counts as online,
+# then each command as its argument count and its arguments (RQ's push excluded: the script pushes, where the
+# lane says).
+# Replies: {'ok', rank, timing hash as a flat list, workers online} (what the video object's live fields need,
+# so that the answer costs no second round trip), {'held', binding}, {'inflight'}, {'depth'}, {'rate', count}.
+_CREATE = (
+    ratelimit.count_lua("KEYS[7]", "ARGV[13]")
+    + """
 local max_inflight, max_depth = tonumber(ARGV[1]), tonumber(ARGV[2])
 if ARGV[3] == '1' then
   local held = redis.call('get', KEYS[2])
@@ -34,7 +39,7 @@ if ARGV[3] == '1' then
 end
 if max_inflight > 0 and redis.call('scard', KEYS[1]) >= max_inflight then return {'inflight'} end
 if max_depth > 0 and redis.call('zcard', KEYS[3]) >= max_depth then return {'depth'} end
-local i = 13
+local i = 15
 while i <= #ARGV do
   local n = tonumber(ARGV[i])
   redis.call(unpack(ARGV, i + 1, i + n))
@@ -59,8 +64,12 @@ for _, gone in ipairs(old) do
   if redis.call('exists', ARGV[11] .. gone) == 0 then redis.call('zrem', KEYS[6], gone) end
 end
 redis.call('expire', KEYS[6], ARGV[12])
-return {'ok'}
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local workers = redis.call('zcount', KEYS[9], now - tonumber(ARGV[14]), '+inf')
+return {'ok', redis.call('zrank', KEYS[3], id), redis.call('hgetall', KEYS[8]), workers}
 """
+)
 
 
 @dataclass(frozen=True)
@@ -100,7 +109,7 @@ class CommandRecorder(CoreCommands):
 
 
 class Creation:
-    """Lifecycle.create's script: `run` gives the script's reply as text."""
+    """Lifecycle.create's script: `run` gives the script's reply, its words as text."""
 
     def __init__(self, r: Any) -> None:
         self._script = r.register_script(_CREATE)
@@ -118,17 +127,23 @@ class Creation:
         lane: str = "batch",
         takeover: str = "",
         prune: IndexPrune,
-    ) -> list[str]:
+        rate: tuple[str, int],
+        offline_after_s: float,
+    ) -> list[Any]:
         """`commands`: what RQ's enqueue recorded, its push of the job onto `model`'s list last (taken off: the
-        script pushes where `lane` says)."""
+        script pushes where `lane` says). `rate`: the request's window and limit (Charge.take; limit 0 when it
+        was counted already)."""
         *writes, push = commands
         queue_key = push[1]
         if push[0] != "RPUSH" or keys.text(push[2]) != video_id:
             raise ValueError(f"RQ's enqueue no longer ends with its push: {push[:2]}")
+        rate_key, rate_limit = rate
         argv: list[Any] = [max_inflight or 0, max_depth or 0, int(idem_key is not None), takeover, video_id]
         argv += [lineup.BANDS[lane], int(lane == "interactive"), lineup.BANDS["batch"]]
-        argv += [prune.cutoff, prune.batch, prune.record_prefix, prune.ttl_s]
+        argv += [prune.cutoff, prune.batch, prune.record_prefix, prune.ttl_s, rate_limit, offline_after_s]
         for command in writes:
             argv += [len(command), *command]
         keys_ = [inflight_key, idem_key or inflight_key, keys.queued(model), keys.QUEUE_SEQ, queue_key, prune.index]
-        return [keys.text(part) for part in self._script(keys=keys_, args=argv)]
+        keys_ += [rate_key, keys.timing(model), keys.workers(model)]
+        reply = self._script(keys=keys_, args=argv)
+        return [keys.text(reply[0]), *reply[1:]]

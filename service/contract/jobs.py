@@ -11,15 +11,17 @@ import logging
 import math
 import secrets
 import time
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import redis
 from rq import Queue
 from rq.job import Job
 
-from service.contract import keys, lineup
+from service.contract import keys, lineup, ratelimit
 from service.contract.models import CATALOGUE, ModelSpec, find_spec, parse_size
 from service.contract.problems import InvalidParameter
+from service.contract.ratelimit import Charge
 from service.contract.record import JobRecord
 from service.contract.schemas import MAX_SEED, TERMINAL, Video, VideoCreate
 from service.contract.settings import Settings
@@ -173,10 +175,13 @@ def plan_job(req: VideoCreate, spec: ModelSpec, has_image: bool) -> JobRecord:
     )
 
 
-# KEYS: the record. ARGV: the video id, the key prefixes of the lines, timings and workers, the cutoff of a
-# worker's last beat to count as online. Reply: {} (gone), {record} (finished), or {record, rank (-1: not in the
-# line), timing hash as a flat list, workers online}.
-_READ = """
+# KEYS: the record, the request's rate window. ARGV: the video id, the key prefixes of the lines, timings and
+# workers, the cutoff of a worker's last beat to count as online, the rate limit (0: counted already, or none).
+# Reply: {'rate', count} (over the limit: nothing read), {} (gone), {record} (finished), or {record, rank (-1: not
+# in the line), timing hash as a flat list, workers online}.
+_READ = (
+    ratelimit.count_lua("KEYS[2]", "ARGV[6]")
+    + """
 local raw = redis.call('get', KEYS[1])
 if not raw then return {} end
 local rec = cjson.decode(raw)
@@ -186,6 +191,22 @@ if rec.status == 'queued' then rank = redis.call('zrank', ARGV[2] .. rec.model, 
 local workers = redis.call('zcount', ARGV[4] .. rec.model, ARGV[5], '+inf')
 return {raw, rank, redis.call('hgetall', ARGV[3] .. rec.model), workers}
 """
+)
+
+
+@dataclass(frozen=True)
+class Live:
+    """What a video's live fields come from, read with the record: its rank in its model's line (-1: not in the
+    index), the model's measured timing (None until a worker measured one) and its workers online."""
+
+    rank: int
+    timing: dict[str, float] | None
+    workers: int
+
+    @classmethod
+    def of(cls, rank: int, timing_flat: builtins.list[Any], workers: int) -> Live:
+        """From a script's reply: the timing hash as HGETALL's flat list."""
+        return cls(rank, _timing(dict(zip(timing_flat[::2], timing_flat[1::2], strict=True))), workers)
 
 
 class JobStore:
@@ -297,7 +318,7 @@ class JobStore:
         with self.r.pipeline(transaction=False) as pipe:
             for model in models:
                 pipe.hgetall(keys.timing(model))
-                pipe.zcount(keys.workers(model), now - self._offline_after(), "+inf")
+                pipe.zcount(keys.workers(model), now - self.offline_after_s, "+inf")
                 lineup.positions(pipe, model, queued[model])
             replies = pipe.execute()
         timing = {m: _timing(replies[3 * i]) for i, m in enumerate(models)}
@@ -307,22 +328,28 @@ class JobStore:
             ranks |= zip(queued[model], map(int, replies[3 * i + 2]), strict=True)
         return [self._live(rec, timing, workers, ranks, now) for rec in records]
 
-    def get_view(self, video_id: str) -> tuple[JobRecord, Video] | None:
+    def get_view(self, video_id: str, charge: Charge | None = None) -> tuple[JobRecord, Video] | None:
         """The record and its public object with the live fields, in one round trip (a script reads the record,
-        and for a video not finished its position, its model's timing and workers online); None if gone."""
+        and for a video not finished its position, its model's timing and workers online); None if gone.
+        `charge`: the request's count, taken in the same script (Throttled over the limit)."""
         now = time.time()
-        cutoff = now - self._offline_after()
+        cutoff = now - self.offline_after_s
         prefixes = [keys.queued(""), keys.timing(""), keys.workers("")]
-        reply = self._read(keys=[keys.video(video_id)], args=[video_id, *prefixes, cutoff])
+        rate_key, rate_limit = charge.take() if charge is not None else ("", 0)
+        reply = self._read(keys=[keys.video(video_id), rate_key], args=[video_id, *prefixes, cutoff, rate_limit])
+        if reply and reply[0] == b"rate" and charge is not None:
+            raise charge.refusal()
         if not reply:
             return None
         rec = JobRecord.model_validate_json(reply[0])
         if len(reply) == 1 or rec.status in TERMINAL:
             return rec, rec.public()
-        flat = reply[2]
-        timing = {rec.model: _timing(dict(zip(flat[::2], flat[1::2], strict=True)))}
-        view = self._live(rec, timing, {rec.model: int(reply[3])}, {rec.id: int(reply[1])}, now)
-        return rec, view
+        return rec, self.view_live(rec, Live.of(int(reply[1]), reply[2], int(reply[3])), now)
+
+    def view_live(self, rec: JobRecord, live: Live, now: float | None = None) -> Video:
+        """The public video object from its record and the live state read with it (no round trip)."""
+        now = time.time() if now is None else now
+        return self._live(rec, {rec.model: live.timing}, {rec.model: live.workers}, {rec.id: live.rank}, now)
 
     def _live(
         self,
@@ -409,7 +436,7 @@ class JobStore:
             spec.model_dump_json(),
             spec.id,
             worker,
-            self._offline_after(),
+            self.offline_after_s,
             self.settings.parallel,
         ]
         self._announce(keys=model_keys, args=args)
@@ -417,11 +444,13 @@ class JobStore:
     def retire(self, spec: ModelSpec, worker: str) -> None:
         self.r.zrem(keys.workers(spec.id), worker)
 
-    def _offline_after(self) -> float:
+    @property
+    def offline_after_s(self) -> float:
+        """How long a worker's last beat counts as online: three beats and 5 s."""
         return 3 * self.settings.heartbeat_s + 5
 
     def workers_online(self, model: str) -> int:
-        return int(self._online(keys=[keys.workers(model)], args=[self._offline_after()]))
+        return int(self._online(keys=[keys.workers(model)], args=[self.offline_after_s]))
 
     def announced_spec(self, model: str) -> ModelSpec | None:
         raw = self.r.get(keys.spec(model))
@@ -467,9 +496,9 @@ class JobStore:
         with self.r.pipeline(transaction=False) as pipe:
             for m in ids:
                 pipe.get(keys.spec(m))
-                self._online(keys=[keys.workers(m)], args=[self._offline_after()], client=pipe)
+                self._online(keys=[keys.workers(m)], args=[self.offline_after_s], client=pipe)
                 pipe.get(keys.since(m))
-                self._layouts(keys=[keys.layouts(m)], args=[self._offline_after()], client=pipe)
+                self._layouts(keys=[keys.layouts(m)], args=[self.offline_after_s], client=pipe)
             replies = pipe.execute()
         states = []
         for i, m in enumerate(ids):

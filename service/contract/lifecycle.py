@@ -33,6 +33,7 @@ import logging
 import secrets
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import redis
@@ -40,7 +41,8 @@ import redis
 from service.contract import deadlines, keys, lineup, usage, webhooks
 from service.contract.creation import CommandRecorder, Creation, IndexPrune, QueueFull
 from service.contract.idempotency import IDEMPOTENCY_TTL_S, IdempotencyKey, bound_video_id
-from service.contract.jobs import JobStore, current_rq_id, new_rq_id, redis_clock
+from service.contract.jobs import JobStore, Live, current_rq_id, new_rq_id, redis_clock
+from service.contract.ratelimit import Charge
 from service.contract.record import JobRecord
 from service.contract.run import Run
 from service.contract.schemas import TERMINAL, VideoError
@@ -48,7 +50,7 @@ from service.contract.transitions import EDGES, Move, Outcome, Snapshot, advance
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EDGES", "Lifecycle", "Move", "Outcome", "QueueFull", "Run", "Snapshot"]
+__all__ = ["EDGES", "Created", "Lifecycle", "Move", "Outcome", "QueueFull", "Run", "Snapshot"]
 
 
 # Re-arm the lease only while this run still owns the job: a lease that lapsed during a pause comes back,
@@ -82,6 +84,15 @@ def publish_change(pipe: Any, rec: JobRecord, moved: bool = True) -> None:
     pipe.publish(keys.CHANGES, f"{rec.id} {rec.model}" if moved else rec.id)
 
 
+@dataclass(frozen=True)
+class Created:
+    """What Lifecycle.create made: the record, and what its video object's live fields are read from; `live` is
+    None for the earlier video an Idempotency-Key named (nothing was created: a replay)."""
+
+    record: JobRecord
+    live: Live | None
+
+
 class Lifecycle:
     def __init__(self, store: JobStore) -> None:
         self.store, self.r, self.settings = store, store.r, store.settings
@@ -105,15 +116,18 @@ class Lifecycle:
         max_inflight: int | None = None,
         idem: IdempotencyKey | None = None,
         max_depth: int | None = None,
-    ) -> JobRecord | None:
+        charge: Charge | None = None,
+    ) -> Created | None:
         """Store the record and enqueue its job in one atomic step (creation.py): both happen or neither.
-        Returns the record.
+        Returns the record, with what its live fields are read from (read in the same step).
 
         With `idem`, the key is bound to the video in the same step; when it already names a video that exists,
         nothing is created and that video's record is returned (a replay; Conflict for another request).
         With `max_inflight`, only while the owner has fewer videos queued or in progress, checked in the same
         step, so that concurrent requests cannot overshoot it together: None when it had as many. With
-        `max_depth`, only while the model has fewer videos queued: QueueFull when it had as many.
+        `max_depth`, only while the model has fewer videos queued: QueueFull when it had as many. With `charge`,
+        the request is counted against its key's rate first, unless it was (Throttled over the limit, and
+        nothing is written).
         """
         inflight = keys.inflight(rec.owner)
         if idem is not None:
@@ -141,20 +155,26 @@ class Lifecycle:
                 lane=rec.priority or "batch",
                 takeover=takeover,
                 prune=self._index_prune(rec.owner),
+                rate=charge.take() if charge is not None else ("", 0),
+                offline_after_s=self.store.offline_after_s,
             )
             if reply[0] == "ok":
                 break
+            if reply[0] == "rate" and charge is not None:
+                raise charge.refusal()
             if reply[0] == "inflight":
                 return None
             if reply[0] == "depth":
                 raise QueueFull(rec.model)
             assert idem is not None  # "held": the key names a video already
-            raw = self.r.get(keys.video(idem.held_video(reply[1])))
+            held = keys.text(reply[1])
+            raw = self.r.get(keys.video(idem.held_video(held)))
             if raw is not None:
-                return JobRecord.model_validate_json(raw)
-            takeover = reply[1]  # its video is gone: this request takes the key over, unless another did
+                return Created(JobRecord.model_validate_json(raw), None)
+            takeover = held  # its video is gone: this request takes the key over, unless another did
         log.info("queued", extra={"video_id": rec.id, "model": rec.model})
-        return rec
+        _, rank, timing, workers = reply
+        return Created(rec, Live.of(int(rank), timing, int(workers)))
 
     def cancel(self, video_id: str) -> JobRecord | None:
         """Stop a job: off the queue if queued; a running one learns at its next step and stops.

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import time
 from typing import cast
 
 import redis
 
-from service.contract import keys
+from service.contract import ratelimit
 from service.contract.problems import Throttled
+from service.contract.ratelimit import Charge
 from service.contract.schemas import Priority
 from service.contract.settings import Settings
 
@@ -90,31 +90,16 @@ class KeyRing:
         return owner
 
 
-# Count a request in its window and give the window its lifetime, atomically, as one command (EVALSHA): every
-# request pays this, and a MULTI/INCR/EXPIRE/EXEC was four.
-_COUNT = """
-local n = redis.call('incr', KEYS[1])
-redis.call('expire', KEYS[1], ARGV[1])
-return n
-"""
-
-
 class Limits:
-    """Per-key request rate (fixed one-minute windows in Redis, shared by every gateway replica)."""
+    """Per-key request rate (service/contract/ratelimit.py): each request's Charge in its key's window."""
 
     def __init__(self, r: redis.Redis, settings: Settings) -> None:
-        self.r = r
         self.per_min = settings.rate_limit_per_min
-        self._count = r.register_script(_COUNT)
+        self._count = ratelimit.register(r)
 
-    def check_rate(self, owner: str) -> None:
-        now = time.time()
-        window = int(now // 60)
-        count = int(self._count(keys=[keys.rate(owner, window)], args=[120]))
-        if count > self.per_min:
-            raise too_many(
-                f"Rate limit of {self.per_min} requests per minute exceeded.", "rate_limited", (window + 1) * 60 - now
-            )
+    def charge(self, owner: str) -> Charge:
+        """The request's count, not taken yet: a route's script takes it, or Charge.now."""
+        return Charge(owner, self.per_min, self._count)
 
 
 def too_many(message: str, code: str, retry_after_s: float) -> Throttled:

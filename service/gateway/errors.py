@@ -7,6 +7,7 @@ from typing import Any
 
 import redis
 from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -90,19 +91,43 @@ def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     return (f"Invalid value for '{param}': {msg}." if param else f"Invalid request: {msg}."), param
 
 
+def rejection(exc: problems.Rejected) -> JSONResponse:
+    return envelope(status_of(exc), exc.message, param=exc.param, code=exc.code, headers=exc.headers or None)
+
+
+async def settle(request: Request) -> problems.Throttled | None:
+    """Count a refused request that nothing counted yet (a hot route's script counts its own, and it was refused
+    before reaching it: service/contract/ratelimit.py). The 429 when that count is over the key's limit: it wins
+    over the refusal, as if the request had been counted first. A Redis that is away does not make it a 500."""
+    charge = getattr(request.state, "charge", None)
+    if charge is None or charge.counted:
+        return None
+    try:
+        await run_in_threadpool(charge.now)
+    except problems.Throttled as e:
+        return e
+    except redis.exceptions.RedisError as e:
+        log.warning("could not count a refused request: %s", e)
+    return None
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(problems.Rejected)
-    async def _rejected(_: Request, exc: problems.Rejected) -> JSONResponse:
-        return envelope(status_of(exc), exc.message, param=exc.param, code=exc.code, headers=exc.headers or None)
+    async def _rejected(request: Request, exc: problems.Rejected) -> JSONResponse:
+        return rejection(await settle(request) or exc)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        if (throttled := await settle(request)) is not None:
+            return rejection(throttled)
         message, param = validation_message(exc)
         code = "invalid_json" if param is None and "JSON" in message else "invalid_value"
         return envelope(400, message, param=param, code=code)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if (throttled := await settle(request)) is not None:
+            return rejection(throttled)
         return envelope(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
 
     @app.exception_handler(redis.exceptions.ConnectionError)

@@ -9,9 +9,10 @@ from pathlib import Path
 
 from service.contract.idempotency import IdempotencyKey, replay
 from service.contract.jobs import INPUT_IMAGE, VARIANTS, JobRecord, JobStore, asset_key, plan_job, redis_clock
-from service.contract.lifecycle import Lifecycle, QueueFull
+from service.contract.lifecycle import Created, Lifecycle, QueueFull
 from service.contract.models import resolve_alias
 from service.contract.problems import Conflict, Gone, InvalidParameter, NotFound
+from service.contract.ratelimit import Charge
 from service.contract.schemas import Priority, Video, VideoCreate
 from service.contract.settings import Settings
 from service.contract.storage import Storage, StorageError
@@ -49,12 +50,15 @@ def submit(
     ceiling: Priority = "interactive",
     idempotency_key: str | None = None,
     remixed_from: str | None = None,
-) -> tuple[JobRecord, bool]:
+    charge: Charge | None = None,
+) -> Created:
     """Validate a request against its model, store its input image, record and enqueue the job.
 
-    Returns the record and whether it is a replay of an earlier request with the same Idempotency-Key. The
-    models served come from the roster (read once per heartbeat), not from Redis on every request. `ceiling`:
-    the highest lane the key may ask for, and its lane when the request names none.
+    Returns the record, with its live fields' state, or without (`live` None) when it is a replay of an earlier
+    request with the same Idempotency-Key. The models served come from the roster (read once per heartbeat),
+    not from Redis on every request. `ceiling`: the highest lane the key may ask for, and its lane when the
+    request names none. `charge`: the request's rate count when nothing counted it yet; a plain request (no
+    image, Idempotency-Key or deadline) has it counted by its create script, in the same round trip.
     """
     requested = req.model or roster.default_model()
     if requested is None:
@@ -81,14 +85,17 @@ def submit(
     rec.owner = owner
     rec.priority = req.priority or ceiling
     rec.remixed_from_video_id = remixed_from
-    now = redis_clock(store.r) if req.deadline_s is not None or req.deadline_at is not None else 0.0
+    has_deadline = req.deadline_s is not None or req.deadline_at is not None
+    if charge is not None and (image is not None or idempotency_key is not None or has_deadline):
+        charge.now()  # it reads Redis before its create script: counted first, as every request is
+    now = redis_clock(store.r) if has_deadline else 0.0
     rec.deadline_at = deadline_of(req, now)
     idem = None
     if idempotency_key is not None:
         idem = IdempotencyKey(owner, idempotency_key, fingerprint(req, image))
         # A replay makes no new job: it is answered before any limit, and without storing its image again.
         if (earlier := replay(store.r, idem)) is not None:
-            return earlier, True
+            return Created(earlier, None)
     if image is not None:  # limits before the upload; without one, the create step checks them on its own
         check_capacity(store, settings, owner, spec.id)
     check_deadline(store, rec, now, "deadline_s" if req.deadline_s is not None else "deadline_at")
@@ -106,7 +113,11 @@ def submit(
         check_storage(lambda: storage.put_bytes(key, png, "image/png"))
     try:
         made = Lifecycle(store).create(
-            rec, max_inflight=settings.max_inflight_per_key, idem=idem, max_depth=settings.max_queue_depth
+            rec,
+            max_inflight=settings.max_inflight_per_key,
+            idem=idem,
+            max_depth=settings.max_queue_depth,
+            charge=charge,
         )
     except QueueFull as e:
         if rec.input_key:
@@ -116,12 +127,12 @@ def submit(
         if rec.input_key:
             storage.delete_prefix(rec.id)
         raise
-    if made is None or made.id != rec.id:
+    if made is None or made.record.id != rec.id:
         if rec.input_key:  # no job of this request will read it
             storage.delete_prefix(rec.id)
     if made is None:
         raise too_many_inflight(store, settings, owner)
-    return made, made.id != rec.id
+    return made
 
 
 def remix(
@@ -135,7 +146,7 @@ def remix(
     owner: str,
     ceiling: Priority = "interactive",
     idempotency_key: str | None = None,
-) -> tuple[JobRecord, bool]:
+) -> Created:
     """POST /v1/videos/{id}/remix: a new job like a completed video, with a new prompt (through submit, so every
     check and limit applies). The same seed keeps the composition close to the source's."""
     source = get_owned(store, source_id, owner)
@@ -211,10 +222,10 @@ def get_owned(store: JobStore, video_id: str, owner: str) -> JobRecord:
     return rec
 
 
-def get_owned_view(store: JobStore, video_id: str, owner: str) -> tuple[JobRecord, Video]:
-    """get_owned, with the video object's live fields, in one round trip."""
-    found = store.get_view(video_id) if video_id.startswith("video_") else None
-    if found is None or found[0].owner != owner:
+def get_owned_view(store: JobStore, video_id: str, charge: Charge) -> tuple[JobRecord, Video]:
+    """get_owned, with the video object's live fields, in one round trip that also counts the request."""
+    found = store.get_view(video_id, charge) if video_id.startswith("video_") else None
+    if found is None or found[0].owner != charge.owner:
         raise VideoNotFound(video_id)
     return found
 

@@ -9,10 +9,11 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, RedirectResponse, StreamingResponse
 from pydantic import BaseModel
 
-from service.contract.jobs import JobRecord, JobStore, Variant
+from service.contract.jobs import JobStore, Variant
+from service.contract.lifecycle import Created
 from service.contract.schemas import TERMINAL, VIDEO_ID_PATTERN, Video, VideoDeleted, VideoList
 from service.gateway import streams, videos
-from service.gateway.deps import OwnerDep, RosterDep, SettingsDep, StorageDep, StoreDep
+from service.gateway.deps import CallerDep, OwnerDep, RosterDep, SettingsDep, StorageDep, StoreDep
 from service.gateway.errors import responses
 from service.gateway.forms import parse_create, parse_remix
 
@@ -61,7 +62,7 @@ _CREATE_BODY = {
 )
 async def create_video(
     request: Request,
-    owner: OwnerDep,
+    caller: CallerDep,
     store: StoreDep,
     storage: StorageDep,
     settings: SettingsDep,
@@ -70,25 +71,31 @@ async def create_video(
 ) -> Response:
     """Create a video generation job (JSON or multipart/form-data). The answer has status `queued`."""
     body, image = await parse_create(request, settings)
-    rec, replayed = await run_in_threadpool(
-        videos.submit,
-        body,
-        store,
-        storage,
-        settings,
-        image,
-        roster=roster,
-        owner=owner,
-        ceiling=request.app.state.keys.ceiling(owner),
-        idempotency_key=idempotency_key,
-    )
-    return await _created(store, rec, replayed)
+
+    def create() -> Response:  # one hop to the threadpool for all of the request's Redis work
+        made = videos.submit(
+            body,
+            store,
+            storage,
+            settings,
+            image,
+            roster=roster,
+            owner=caller.owner,
+            ceiling=request.app.state.keys.ceiling(caller.owner),
+            idempotency_key=idempotency_key,
+            charge=caller,
+        )
+        return _created(store, made)
+
+    return await run_in_threadpool(create)
 
 
-async def _created(store: JobStore, rec: JobRecord, replayed: bool) -> Response:
-    """The answer to a create or a remix: the video object, marked when it is an Idempotency-Key replay."""
-    view = await run_in_threadpool(store.view, rec)
-    return _json(view, {"Idempotent-Replayed": "true"} if replayed else None)
+def _created(store: JobStore, made: Created) -> Response:
+    """The answer to a create or a remix: the video object, marked when it is an Idempotency-Key replay (the
+    earlier video, whose live fields are read now)."""
+    if made.live is None:
+        return _json(store.view(made.record), {"Idempotent-Replayed": "true"})
+    return _json(store.view_live(made.record, made.live))
 
 
 @router.post(
@@ -118,19 +125,22 @@ async def remix_video(
     and names its source in `remixed_from_video_id`.
     """
     body = await parse_remix(request)
-    rec, replayed = await run_in_threadpool(
-        videos.remix,
-        video_id,
-        body.prompt,
-        store,
-        storage,
-        settings,
-        roster=roster,
-        owner=owner,
-        ceiling=request.app.state.keys.ceiling(owner),
-        idempotency_key=idempotency_key,
-    )
-    return await _created(store, rec, replayed)
+
+    def remix() -> Response:
+        made = videos.remix(
+            video_id,
+            body.prompt,
+            store,
+            storage,
+            settings,
+            roster=roster,
+            owner=owner,
+            ceiling=request.app.state.keys.ceiling(owner),
+            idempotency_key=idempotency_key,
+        )
+        return _created(store, made)
+
+    return await run_in_threadpool(remix)
 
 
 @router.get("/videos", response_model=VideoList, responses=responses(400, 401, 429, 503))
@@ -155,9 +165,9 @@ def list_videos(
 
 
 @router.get("/videos/{video_id}", response_model=Video, responses=responses(404, 401, 429, 503))
-def retrieve_video(video_id: VideoId, owner: OwnerDep, store: StoreDep) -> Response:
+def retrieve_video(video_id: VideoId, caller: CallerDep, store: StoreDep) -> Response:
     """The video object: status and progress while it is made, then timestamps or the error."""
-    rec, view = videos.get_owned_view(store, video_id, owner)
+    rec, view = videos.get_owned_view(store, video_id, caller)
     return _json(view, None if rec.status in TERMINAL else {"openai-poll-after-ms": POLL_AFTER_MS})
 
 
