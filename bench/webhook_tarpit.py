@@ -35,9 +35,10 @@ COLUMNS += [("first delivery s", "first_s", "{:.2f}"), ("most connections at onc
 
 
 class Tarpit:
-    """Accepts, reads the request, then answers one byte every 5 s, forever: no read ever times out."""
+    """Accepts, reads the request, then answers one byte every `gap_s` (5 s), forever: no read ever times out."""
 
-    def __init__(self) -> None:
+    def __init__(self, gap_s: float = 5.0) -> None:
+        self.gap_s = gap_s
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.stopped = threading.Event()
         self.lock = threading.Lock()
@@ -64,7 +65,7 @@ class Tarpit:
             conn.recv(65536)
             for byte in b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n" * 100:
                 conn.sendall(bytes([byte]))
-                if self.stopped.wait(5):
+                if self.stopped.wait(self.gap_s):
                     break
         except OSError:
             pass

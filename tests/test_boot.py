@@ -197,7 +197,7 @@ def test_vae_tiling_rule_follows_the_chunked_decode():
 def test_vae_estimate_matches_the_real_vae_architecture_on_cpu():
     """The real HunyuanVideo VAE (full width, random weights) decoding at 64x64: peak RSS in a fresh process."""
     rows = []
-    for frames in (17, 49):
+    for frames in (17, 33):
         out = subprocess.run(
             [sys.executable, "bench/vae_memory.py", "--one", f"64x64x{frames}", "--dtype", "float32"],
             capture_output=True, text=True, timeout=300, check=True, env={**os.environ, "PYTHONPATH": os.getcwd()},
@@ -205,7 +205,7 @@ def test_vae_estimate_matches_the_real_vae_architecture_on_cpu():
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     short, long = (r["peak_gib"] * 2**30 for r in rows)
     assert abs(long - short) / short < 0.1  # the chunked decode's peak does not grow with length
-    estimate = speed.vae_decode_bytes(64, 64, 49, 4)
+    estimate = speed.vae_decode_bytes(64, 64, 33, 4)
     assert 0.75 < estimate / long < 1.33
 
 
