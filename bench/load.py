@@ -61,7 +61,8 @@ def parse(out: str) -> Load:
 def run(
     url: str, connections: int, seconds: float, *, body: str | None = None, headers: dict[str, str] | None = None
 ) -> Load:
-    """`connections` keep-alive connections from one wrk thread for `seconds`; a POST when `body` is given."""
+    """`connections` keep-alive connections from one wrk thread for `seconds` (wrk takes whole seconds: rounded,
+    at least 1); a POST when `body` is given."""
     cmd = [wrk_path(), "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--latency", "--timeout", "10s"]
     for name, value in (headers or {}).items():
         cmd += ["-H", f"{name}: {value}"]

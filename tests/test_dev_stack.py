@@ -111,66 +111,40 @@ def running(procs: list[psutil.Process]) -> list[psutil.Process]:
 
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
-def test_dev_stack_serves_the_readme_example(tmp_path):
-    port = free_port()
-    log = tmp_path / "dev.log"
-    proc = start_dev(tmp_path / "k5", port, log)
-    try:
-        banner = wait_ready(proc, log)
-        base = f"http://127.0.0.1:{port}"
-        assert f"curl -s {base}/v1/videos" in banner
-        # How client commands in another terminal find this server.
-        assert f"K5_HOST\n  and K5_PORT (here K5_PORT={port}: export it there too)" in banner
-        assert f"K5_SERVER={base}" in banner
-
-        # The README's commands, with curl.
-        video = create(base, {"prompt": "a red fox running through fresh snow", "seed": 42})
-        video = wait_done(base, video)
-        assert video["status"] == "completed", video
-        out = tmp_path / "fox.mp4"
-        curl("-L", "-o", str(out), f"{base}/v1/videos/{video['id']}/content")
-        frames, info = decode_mp4(out.read_bytes())
-        assert frames.shape == (25, 64, 96, 3) and info["codec"] == "h264"
-        # The local-disk store keeps it under the state directory, in the folder of the run that made it.
-        assert len(list((tmp_path / "k5" / "data" / video["id"]).glob("run-*/video.mp4"))) == 1
-    finally:
-        children = psutil.Process(proc.pid).children(recursive=True)
-        rc = ctrl_c(proc)
-    assert rc == 0, log.read_text()
-    # Everything it started is gone: nothing listens on the gateway port any more.
-    with socket.socket() as s:
-        assert s.connect_ex(("127.0.0.1", port)) != 0
-    # Redis, workers, webhooks and gateway all stopped with it.
-    assert len(children) >= 5, children
-    assert [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE] == []
-    assert "Traceback" not in log.read_text(), log.read_text()[-3000:]
-
-
-@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
-def test_dev_stack_keeps_its_data_across_restarts(tmp_path):
-    """Stopped with Ctrl-C and started again on the same state directory, then killed outright (Redis included)
+def test_dev_stack_serves_the_readme_example_and_keeps_its_data_across_restarts(tmp_path):
+    """From nothing (the tiny models built on first use), the README's curl commands give a playable MP4 and
+    Ctrl-C stops everything; started again on the same state directory, then killed outright (Redis included)
     and started again: the videos, their records and the queued jobs are all still there."""
     state = tmp_path / "k5"
-    base = ""
+    base, port = "", 0
 
     def run(name: str):
-        nonlocal base
+        nonlocal base, port
         port = free_port()
         base = f"http://127.0.0.1:{port}"
         log = tmp_path / f"{name}.log"
         proc = start_dev(state, port, log)
         return proc, log, wait_ready(proc, log)
 
-    # First run: one video made, two long ones queued, and Ctrl-C while the first of those runs.
+    # First run: the README's example, two long ones queued, and Ctrl-C while the first of those runs.
     proc, log, banner = run("first")
     try:
+        assert f"curl -s {base}/v1/videos" in banner
+        # How client commands in another terminal find this server.
+        assert f"K5_HOST\n  and K5_PORT (here K5_PORT={port}: export it there too)" in banner
+        assert f"K5_SERVER={base}" in banner
         # The banner names dev's private Redis, the one that holds the records (for `k5serve deliveries`).
         m = re.search(r"redis: (redis://127\.0\.0\.1:\d+/0) \(K5_REDIS_URL for k5serve deliveries\)", banner)
         assert m, banner
-        video = wait_done(base, create(base, {"prompt": "a lighthouse at dusk", "seed": 7}))
+        # The README's commands, with curl.
+        video = wait_done(base, create(base, {"prompt": "a red fox running through fresh snow", "seed": 42}))
         assert video["status"] == "completed", video
         assert redis.Redis.from_url(m.group(1)).exists(f"k5:video:{video['id']}")
         mp4 = curl("-L", f"{base}/v1/videos/{video['id']}/content")
+        frames, info = decode_mp4(mp4)
+        assert frames.shape == (25, 64, 96, 3) and info["codec"] == "h264"
+        # The local-disk store keeps it under the state directory, in the folder of the run that made it.
+        assert len(list((state / "data" / video["id"]).glob("run-*/video.mp4"))) == 1
         slow = [create(base, {"prompt": f"a slow one {i}", "num_inference_steps": 50, "seconds": "2"}) for i in (1, 2)]
         deadline = time.monotonic() + 60
         while json.loads(curl(f"{base}/v1/videos/{slow[0]['id']}"))["status"] != "in_progress":
@@ -181,9 +155,17 @@ def test_dev_stack_keeps_its_data_across_restarts(tmp_path):
         # No K5_SHUTDOWN_GRACE_S given: the workers get dev's few seconds, not production's 600.
         assert {p.environ().get("K5_SHUTDOWN_GRACE_S") for p in workers} == {"5.0"}
     finally:
+        children = psutil.Process(proc.pid).children(recursive=True)
         rc = ctrl_c(proc)
     assert rc == 0, log.read_text()
+    # Everything it started is gone: nothing listens on the gateway port any more.
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", port)) != 0
+    # Redis, workers, webhooks and gateway all stopped with it.
+    assert len(children) >= 5, children
+    assert running(children) == []
     text = log.read_text()
+    assert "Traceback" not in text, text[-3000:]
     assert re.search(r"shutdown requested: finishing the current job.* grace_s=5\.0\b", text), text[-3000:]
     assert "grace_s=600" not in text
 
@@ -240,11 +222,13 @@ def test_a_busy_port_fails_at_once_and_names_k5_port(tmp_path):
 
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
-def test_a_hard_kill_leaves_no_child_and_the_next_start_cleans_up(tmp_path):
+def test_a_hard_kill_leaves_no_child_and_the_next_start_cleans_up(tmp_path, tiny_models):
     """SIGKILL of `k5serve dev` alone: every child stops by itself (the parent-death signal), except one that
     was stopped (SIGSTOP) and so could not act on it; the next start on the same state directory and port
     stops that one and comes up."""
     state, port = tmp_path / "k5", free_port()
+    for name, path in tiny_models.items():  # built already: the first test covers building them
+        shutil.copytree(path, state / "tiny" / name)
     proc = start_dev(state, port, tmp_path / "first.log")
     everything = tree(proc)
     try:

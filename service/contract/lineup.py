@@ -71,6 +71,7 @@ def drop(pipe: Any, model: str, video_id: str) -> None:
 def positions(pipe: Any, model: str, video_ids: list[str]) -> None:
     """Queue the ranks of `video_ids` in `model`'s line on `pipe`: its reply is one list, -1 for a video that is
     not in the index (queued by a release without it)."""
+    # EVAL, with its text: a registered script in a pipeline costs a SCRIPT EXISTS round trip of its own.
     pipe.eval(_RANKS, 1, keys.queued(model), *video_ids)
 
 
