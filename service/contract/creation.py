@@ -1,6 +1,7 @@
-"""The create transition as one Redis script: the checks (Idempotency-Key, the key's jobs in flight, the model's
-queue depth) and every write (record, owner's index, in-flight set, RQ's job and push, the place in line) run as
-one atomic step, in one round trip.
+"""The create transition (Lifecycle.create hands it here) as one Redis script: the checks (the request's rate,
+the Idempotency-Key, the key's jobs in flight, the model's queue depth) and every write (record, owner's index,
+in-flight set, RQ's job and push, the place in line) run as one atomic step, in one round trip, which also reads
+what the answer's live fields need.
 
 Why not WATCH/MULTI: a POST then cost a WATCH, a read, and the MULTI, and under concurrency every other create or
 end of the same key's jobs made it retry (26-40 commands a POST at 16-64 concurrent clients instead of 23). A
@@ -12,12 +13,20 @@ runs the recorded commands as they are, so whatever RQ writes for a job is what 
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 
 from redis.commands.core import CoreCommands
 
 from service.contract import keys, lineup, ratelimit
+from service.contract.idempotency import IDEMPOTENCY_TTL_S, IdempotencyKey
+from service.contract.jobs import JobStore, Live
+from service.contract.ratelimit import Charge
+from service.contract.record import JobRecord
+
+log = logging.getLogger(__name__)
 
 # KEYS: the owner's in-flight set, the Idempotency-Key (or any key when there is none), the model's line, the
 # place counter, RQ's list of the model, the owner's index, the request's rate window, the model's timing and its
@@ -83,6 +92,13 @@ class IndexPrune:
     ttl_s: int
 
 
+# Queued with each creation, so the owner's index stays bounded without a reader: drops the ids, among the
+# owner's oldest (created before ARGV[1]: longer ago than a finished record lives), whose records are gone, a batch
+# at a time, and re-arms the index's own TTL. Ids sort by creation time (jobs.new_video_id), so the cut is a lex range.
+# Ids the prune looks at per creation: more than one, so it catches up with what creations left behind.
+PRUNE_BATCH = 20
+
+
 class QueueFull(Exception):
     """The model's queue already holds max_depth videos."""
 
@@ -108,13 +124,87 @@ class CommandRecorder(CoreCommands):
         pass
 
 
+@dataclass(frozen=True)
+class Created:
+    """What Lifecycle.create made: the record, and what its video object's live fields are read from; `live` is
+    None for the earlier video an Idempotency-Key named (nothing was created: a replay)."""
+
+    record: JobRecord
+    live: Live | None
+
+
 class Creation:
-    """Lifecycle.create's script: `run` gives the script's reply, its words as text."""
+    """Lifecycle.create: the record, its writes as the script's commands, and the script's reply."""
 
-    def __init__(self, r: Any) -> None:
-        self._script = r.register_script(_CREATE)
+    def __init__(self, store: JobStore) -> None:
+        self.store = store
+        self._script = store.r.register_script(_CREATE)
 
-    def run(
+    def create(
+        self,
+        rec: JobRecord,
+        max_inflight: int | None,
+        idem: IdempotencyKey | None,
+        max_depth: int | None,
+        charge: Charge | None,
+    ) -> Created | None:
+        """What Lifecycle.create says it does."""
+        inflight = keys.inflight(rec.owner)
+        if idem is not None:
+            rec.idempotency_key = idem.redis_key  # so that DELETE can unbind it
+        writes: Any = CommandRecorder()  # typed loosely: redis-py types its commands for a client
+        writes.set(keys.video(rec.id), rec.model_dump_json(exclude_none=True))
+        writes.zadd(keys.videos(rec.owner), {rec.id: 0})
+        writes.sadd(inflight, rec.id)
+        if idem is not None:
+            writes.set(idem.redis_key, idem.binding(rec.id), ex=IDEMPOTENCY_TTL_S)
+        if rec.deadline_at is not None:
+            writes.zadd(keys.DEADLINES, {rec.id: rec.deadline_at})
+        writes.rpush(keys.demand(rec.model), rec.id)
+        self.store.enqueue(writes, rec.model, rec.id, rec.id, description=f"video {rec.id}", place=False)
+        takeover = ""
+        while True:
+            reply = self._run(
+                inflight_key=inflight,
+                idem_key=idem.redis_key if idem else None,
+                model=rec.model,
+                video_id=rec.id,
+                commands=writes.commands,
+                max_inflight=max_inflight,
+                max_depth=max_depth,
+                lane=rec.priority or "batch",
+                takeover=takeover,
+                prune=self._index_prune(rec.owner),
+                rate=charge.take() if charge is not None else ("", 0),
+                offline_after_s=self.store.offline_after_s,
+            )
+            if reply[0] == "ok":
+                break
+            if reply[0] == "rate" and charge is not None:
+                raise charge.refusal()
+            if reply[0] == "inflight":
+                return None
+            if reply[0] == "depth":
+                raise QueueFull(rec.model)
+            assert idem is not None  # "held": the key names a video already
+            held = keys.text(reply[1])
+            raw = self.store.r.get(keys.video(idem.held_video(held)))
+            if raw is not None:
+                return Created(JobRecord.model_validate_json(raw), None)
+            takeover = held  # its video is gone: this request takes the key over, unless another did
+        log.info("queued", extra={"video_id": rec.id, "model": rec.model})
+        _, rank, timing, workers = reply
+        return Created(rec, Live.of(int(rank), timing, int(workers)))
+
+    def _index_prune(self, owner: str) -> IndexPrune:
+        """What the create script does to the owner's index besides adding the video: forget up to PRUNE_BATCH
+        of its oldest ids whose records are gone (ids sort by creation time, so only those older than a record
+        lives), and keep the index alive as long as its newest record."""
+        ttl = self.store.record_ttl_s
+        cutoff = f"(video_{int((time.time() - ttl) * 1e9):016x}"
+        return IndexPrune(keys.videos(owner), cutoff, PRUNE_BATCH, keys.video(""), ttl)
+
+    def _run(
         self,
         *,
         inflight_key: str,

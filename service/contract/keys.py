@@ -33,7 +33,7 @@ Models and workers:
   k5:models              set of every model id a worker ever announced
   k5:spec:<model>        the last ModelSpec a worker announced for <model>
   k5:since:<model>       when a worker first served <model> (unix seconds, Redis's clock)
-  k5:workers:<model>     sorted set worker name -> last heartbeat (unix seconds, Redis's clock: jobs._ANNOUNCE)
+  k5:workers:<model>     sorted set worker name -> last heartbeat (unix seconds, Redis's clock: registry._ANNOUNCE)
   k5:timing:<model>      hash: measured seconds per step and overhead, per megavoxel (EWMA), for ETAs
 Access:
   k5:rate:<owner>:<min>  requests of an API key in one minute window

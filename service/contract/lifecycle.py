@@ -33,15 +33,14 @@ import logging
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import redis
 
 from service.contract import deadlines, keys, lineup, usage, webhooks
-from service.contract.creation import CommandRecorder, Creation, IndexPrune, QueueFull
-from service.contract.idempotency import IDEMPOTENCY_TTL_S, IdempotencyKey, bound_video_id
-from service.contract.jobs import JobStore, Live, current_rq_id, new_rq_id, redis_clock
+from service.contract.creation import Created, Creation, QueueFull
+from service.contract.idempotency import IdempotencyKey, bound_video_id
+from service.contract.jobs import JobStore, current_rq_id, new_rq_id, redis_clock
 from service.contract.ratelimit import Charge
 from service.contract.record import JobRecord
 from service.contract.run import Run
@@ -63,12 +62,6 @@ end
 return 0
 """
 
-# Queued with each creation, so the owner's index stays bounded without a reader: drops the ids, among the
-# owner's oldest (created before ARGV[1]: longer ago than a finished record lives), whose records are gone, a batch
-# at a time, and re-arms the index's own TTL. Ids sort by creation time (jobs.new_video_id), so the cut is a lex range.
-# Ids the prune looks at per creation: more than one, so it catches up with what creations left behind.
-PRUNE_BATCH = 20
-
 _RELEASE = """
 if redis.call('hget', KEYS[1], 'owner') == ARGV[1] then
   redis.call('hdel', KEYS[1], 'owner')
@@ -84,21 +77,12 @@ def publish_change(pipe: Any, rec: JobRecord, moved: bool = True) -> None:
     pipe.publish(keys.CHANGES, f"{rec.id} {rec.model}" if moved else rec.id)
 
 
-@dataclass(frozen=True)
-class Created:
-    """What Lifecycle.create made: the record, and what its video object's live fields are read from; `live` is
-    None for the earlier video an Idempotency-Key named (nothing was created: a replay)."""
-
-    record: JobRecord
-    live: Live | None
-
-
 class Lifecycle:
     def __init__(self, store: JobStore) -> None:
         self.store, self.r, self.settings = store, store.r, store.settings
         self._refresh = self.r.register_script(_REFRESH)
         self._release = self.r.register_script(_RELEASE)
-        self._creation = Creation(self.r)
+        self._creation = Creation(store)
 
     @property
     def lease_ms(self) -> int:
@@ -129,52 +113,7 @@ class Lifecycle:
         the request is counted against its key's rate first, unless it was (Throttled over the limit, and
         nothing is written).
         """
-        inflight = keys.inflight(rec.owner)
-        if idem is not None:
-            rec.idempotency_key = idem.redis_key  # so that DELETE can unbind it
-        writes: Any = CommandRecorder()  # typed loosely: redis-py types its commands for a client
-        writes.set(keys.video(rec.id), rec.model_dump_json(exclude_none=True))
-        writes.zadd(keys.videos(rec.owner), {rec.id: 0})
-        writes.sadd(inflight, rec.id)
-        if idem is not None:
-            writes.set(idem.redis_key, idem.binding(rec.id), ex=IDEMPOTENCY_TTL_S)
-        if rec.deadline_at is not None:
-            writes.zadd(keys.DEADLINES, {rec.id: rec.deadline_at})
-        writes.rpush(keys.demand(rec.model), rec.id)
-        self.store.enqueue(writes, rec.model, rec.id, rec.id, description=f"video {rec.id}", place=False)
-        takeover = ""
-        while True:
-            reply = self._creation.run(
-                inflight_key=inflight,
-                idem_key=idem.redis_key if idem else None,
-                model=rec.model,
-                video_id=rec.id,
-                commands=writes.commands,
-                max_inflight=max_inflight,
-                max_depth=max_depth,
-                lane=rec.priority or "batch",
-                takeover=takeover,
-                prune=self._index_prune(rec.owner),
-                rate=charge.take() if charge is not None else ("", 0),
-                offline_after_s=self.store.offline_after_s,
-            )
-            if reply[0] == "ok":
-                break
-            if reply[0] == "rate" and charge is not None:
-                raise charge.refusal()
-            if reply[0] == "inflight":
-                return None
-            if reply[0] == "depth":
-                raise QueueFull(rec.model)
-            assert idem is not None  # "held": the key names a video already
-            held = keys.text(reply[1])
-            raw = self.r.get(keys.video(idem.held_video(held)))
-            if raw is not None:
-                return Created(JobRecord.model_validate_json(raw), None)
-            takeover = held  # its video is gone: this request takes the key over, unless another did
-        log.info("queued", extra={"video_id": rec.id, "model": rec.model})
-        _, rank, timing, workers = reply
-        return Created(rec, Live.of(int(rank), timing, int(workers)))
+        return self._creation.create(rec, max_inflight, idem, max_depth, charge)
 
     def cancel(self, video_id: str) -> JobRecord | None:
         """Stop a job: off the queue if queued; a running one learns at its next step and stops.
@@ -248,14 +187,6 @@ class Lifecycle:
                     return
                 except redis.WatchError:
                     continue  # a delivery was queued or the key rebound meanwhile: look again
-
-    def _index_prune(self, owner: str) -> IndexPrune:
-        """What the create script does to the owner's index besides adding the video: forget up to PRUNE_BATCH
-        of its oldest ids whose records are gone (ids sort by creation time, so only those older than a record
-        lives), and keep the index alive as long as its newest record."""
-        ttl = self.store.record_ttl_s
-        cutoff = f"(video_{int((time.time() - ttl) * 1e9):016x}"
-        return IndexPrune(keys.videos(owner), cutoff, PRUNE_BATCH, keys.video(""), ttl)
 
     # -- a worker's run ------------------------------------------------------------------------------------
 
