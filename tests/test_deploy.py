@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from service.cli import main as cli
+from service.console.localstack import LISTPACK
 from service.contract import keys
 from service.contract.models import CATALOGUE
 from service.contract.settings import Settings
@@ -274,6 +275,9 @@ def test_redis_is_bundled_or_external_and_fenced_by_network_policies(case):
         sts = of_kind(docs, "StatefulSet")["k5-k5serve-redis"]
         image = sts["spec"]["template"]["spec"]["containers"][0]["image"]
         assert re.fullmatch(r"redis:\d+\.\d+\.\d+-alpine", image), image
+        # The local stack's Redis settings (service/console/localstack.py), a queued job's RQ hash in a listpack.
+        args = sts["spec"]["template"]["spec"]["containers"][0]["args"]
+        assert " ".join(LISTPACK) in " ".join(args), args
         assert sts["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"]
         assert {e["value"] for e in redis_env} == {"redis://k5-k5serve-redis.k5serve.svc:6379/0"}
         # Redis admits this release's pods (and KEDA's namespace when a pool is scaled), nothing else.
@@ -474,6 +478,7 @@ def test_compose_runs_the_stack_on_one_machine():
             assert re.fullmatch(r"[\w./-]+:[\w.-]+", svc["image"]) and not svc["image"].endswith(":latest"), name
         assert str(svc.get("user", "")).split(":")[0] not in ("root", "0"), name
     assert re.fullmatch(r"chrislusf/seaweedfs:[\d.]+", services["s3"]["image"])
+    assert " ".join(LISTPACK) in " ".join(services["redis"]["command"])
     assert services["s3"]["command"][0] in ("mini", "server")
     assert services["webhooks"]["command"] == ["webhooks"] and services["gateway"]["command"] == ["gateway"]
     assert services["gateway"]["environment"]["K5_ALLOW_ANONYMOUS"] == "false"

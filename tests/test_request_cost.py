@@ -145,6 +145,17 @@ def test_queue_positions_are_the_order_workers_take_jobs_in(r):
     assert store.get_view("video_" + "0" * 32) is None
 
 
+def test_a_queued_job_takes_about_a_kilobyte_of_redis(r):
+    """Its record, and RQ's job hash in a listpack: the local stack's, the chart's and compose's Redis allow hash
+    values of 128 bytes. RQ's pickled call is over the default 64, which made the hash a 1.5 KB hash table; it
+    is some 600 bytes now."""
+    store = JobStore(r, Settings())
+    (video_id,) = queue_jobs(store, "o", 1)
+    rq_hash = f"rq:job:{video_id}"
+    assert r.object("encoding", rq_hash) == b"listpack"
+    assert r.memory_usage(rq_hash) < 700 and r.memory_usage(keys.video(video_id)) < 600
+
+
 def test_the_janitor_prunes_entries_a_worker_of_the_previous_release_left(r):
     """A worker without the line starts a job without removing it: the janitor drops such entries, so they do
     not count as jobs ahead for good."""
