@@ -13,6 +13,7 @@ from service.contract.lifecycle import EDGES, Lifecycle, Move, Outcome
 from service.contract.models import TINY
 from service.contract.schemas import VideoCreate
 from service.contract.settings import Settings
+from service.gateway.roster import Roster
 
 
 @pytest.fixture
@@ -114,21 +115,22 @@ def test_concurrent_updates_lose_nothing(store):
 
 def test_models_are_online_while_workers_beat(store):
     spec = TINY["k5-tiny-i2v"]
-    assert store.served_spec(spec.id) is None
+    roster = Roster(store, max_age_s=0)  # read on every call: what the gateway sees once its state is refreshed
+    assert roster.served_spec(spec.id) is None
     store.announce(spec, "w1")
     assert store.workers_online(spec.id) == 1
-    assert store.served_spec(spec.id) == spec
-    assert [s.id for s in store.online_models()] == [spec.id]
+    assert roster.served_spec(spec.id) == spec
+    assert [s.id for s in roster.online()] == [spec.id]
     store.retire(spec, "w1")
-    assert store.served_spec(spec.id) is None
+    assert roster.served_spec(spec.id) is None
 
 
 def test_declared_models_are_accepted_without_workers(r):
     # Scale-to-zero: a model the deployment declares takes jobs while no worker is up yet.
-    store = JobStore(r, Settings(served_models="kandinsky-5.0-t2v-lite-distilled16steps-5s"))
-    spec = store.served_spec("kandinsky-5.0-t2v-lite-distilled16steps-5s")
+    roster = Roster(JobStore(r, Settings(served_models="kandinsky-5.0-t2v-lite-distilled16steps-5s")), max_age_s=0)
+    spec = roster.served_spec("kandinsky-5.0-t2v-lite-distilled16steps-5s")
     assert spec is not None and spec.steps == 16
-    assert store.default_model() == "kandinsky-5.0-t2v-lite-distilled16steps-5s"
+    assert roster.default_model() == "kandinsky-5.0-t2v-lite-distilled16steps-5s"
 
 
 # A record exactly as the previous release (version 1: the stored record was the public Video plus worker fields)

@@ -85,35 +85,6 @@ class Registry:
     def workers_online(self, model: str) -> int:
         return int(self._online(keys=[keys.workers(model)], args=[self.offline_after_s]))
 
-    def announced_spec(self, model: str) -> ModelSpec | None:
-        raw = self.r.get(keys.spec(model))
-        return ModelSpec.model_validate_json(raw) if raw else None
-
-    def served_spec(self, model: str) -> ModelSpec | None:
-        """The spec of a model this deployment serves now: a live worker, or declared for scale-to-zero."""
-        if self.workers_online(model) > 0:
-            return self.announced_spec(model)
-        if model in self.settings.served_model_ids:
-            return self.announced_spec(model) or find_spec(model)
-        return None
-
-    def online_models(self) -> builtins.list[ModelSpec]:
-        ids = sorted(keys.text(m) for m in self.r.smembers(keys.MODELS))
-        specs = [self.announced_spec(m) for m in ids if self.workers_online(m) > 0]
-        return [s for s in specs if s is not None]
-
-    def default_model(self) -> str | None:
-        if self.settings.default_model:
-            return self.settings.default_model
-        for spec in self.online_models():
-            if spec.task == "text-to-video":
-                return spec.id
-        for model in self.settings.served_model_ids:
-            declared = find_spec(model)
-            if declared and declared.task == "text-to-video":
-                return model
-        return None
-
     # -- /v1/models (service/gateway/roster.py reads this at most once per heartbeat) -------------------------------
 
     def model_layouts(self) -> dict[str, builtins.list[str]]:

@@ -16,12 +16,13 @@ from service.contract.settings import Settings
 from service.contract.storage import StorageError, StorageFull
 from service.contract.webhooks import UnsafeURL, URLPolicy
 from service.gateway.auth import too_many
+from service.gateway.roster import Roster
 
 
-def unserved_message(requested: str, model: str, store: JobStore, settings: Settings) -> str:
+def unserved_message(requested: str, model: str, roster: Roster, settings: Settings) -> str:
     """What to send instead of a model this deployment does not serve."""
     alias = f" (an alias of '{model}')" if model != requested else ""
-    online = store.online_models()
+    online = roster.online()
     served = ", ".join(f"'{s.id}' ({s.task})" for s in online) or "none is online now"
     aliases = ", ".join(f"'{a}'" for a, target in settings.aliases.items() if target in {s.id for s in online})
     hint = f"; aliases: {aliases}" if aliases else ""

@@ -43,7 +43,8 @@ class Roster:
             return self._states
 
     def served_spec(self, model: str) -> ModelSpec | None:
-        """JobStore.served_spec from this state: a model with a worker online, or declared served. A model that
+        """The spec of a model this deployment serves: one with a worker online, or declared served
+        (K5_SERVED_MODELS, for scale-to-zero), as of the last read. A model that
         is not served as of the last read is looked up again at once, so a worker that has just come online
         is not refused for up to a heartbeat; one that has just gone is accepted for up to a heartbeat, and its
         jobs wait in the queue as they would for a pool scaled to zero."""
@@ -53,14 +54,18 @@ class Roster:
                     return state.spec
         return None
 
+    def online(self, fresh: bool = False) -> list[ModelSpec]:
+        """The models with a worker online, by id."""
+        return sorted((s.spec for s in self.models(fresh) if s.workers > 0), key=lambda spec: spec.id)
+
     def default_model(self) -> str | None:
-        """JobStore.default_model from this state: the setting, else the first text-to-video model online, else
+        """The model of a request that names none: the setting, else the first text-to-video model online, else
         the first declared one."""
         settings = self.store.settings
         if settings.default_model:
             return settings.default_model
         for fresh in (False, True):
-            online = sorted(s.spec.id for s in self.models(fresh) if s.workers > 0 and s.spec.task == "text-to-video")
+            online = [spec.id for spec in self.online(fresh) if spec.task == "text-to-video"]
             if online:
                 return online[0]
         for model in settings.served_model_ids:

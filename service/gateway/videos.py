@@ -70,7 +70,7 @@ def submit(
     model = resolve_alias(requested, settings.aliases)
     spec = roster.served_spec(model)
     if spec is None:
-        raise NotFound(unserved_message(requested, model, store, settings), param="model", code="model_not_found")
+        raise NotFound(unserved_message(requested, model, roster, settings), param="model", code="model_not_found")
     if req.webhook_url is not None:
         check_webhook_url(req.webhook_url, settings)
     if image is None and req.input_reference is not None:
