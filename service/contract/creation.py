@@ -175,13 +175,12 @@ class Creation:
                 lane=rec.priority or "batch",
                 takeover=takeover,
                 prune=self._index_prune(rec.owner),
-                rate=charge.take() if charge is not None else ("", 0),
+                rate=ratelimit.window_of(charge),
                 offline_after_s=self.store.offline_after_s,
             )
+            ratelimit.check(charge, reply)
             if reply[0] == "ok":
                 break
-            if reply[0] == "rate" and charge is not None:
-                raise charge.refusal()
             if reply[0] == "inflight":
                 return None
             if reply[0] == "depth":

@@ -309,10 +309,9 @@ class JobStore(Registry):
         now = time.time()
         cutoff = now - self.offline_after_s
         prefixes = [keys.queued(""), keys.timing(""), keys.workers("")]
-        rate_key, rate_limit = charge.take() if charge is not None else ("", 0)
+        rate_key, rate_limit = ratelimit.window_of(charge)
         reply = self._read(keys=[keys.video(video_id), rate_key], args=[video_id, *prefixes, cutoff, rate_limit])
-        if reply and reply[0] == b"rate" and charge is not None:
-            raise charge.refusal()
+        ratelimit.check(charge, reply)
         if not reply:
             return None
         rec = JobRecord.model_validate_json(reply[0])

@@ -33,12 +33,14 @@ if tonumber(RATE_LIMIT) > 0 then
 end
 """.replace("TTL", str(TTL_S))
 
-_COUNT = "local n = redis.call('incr', KEYS[1])\nredis.call('expire', KEYS[1], ARGV[1])\nreturn n\n"
-
 
 def count_lua(key: str, limit: str) -> str:
     """COUNT_LUA for a script whose window is `key` (e.g. "KEYS[7]") and limit `limit` (e.g. "ARGV[13]")."""
     return COUNT_LUA.replace("RATE_KEY", key).replace("RATE_LIMIT", limit)
+
+
+# The count on its own (Charge.now): KEYS[1] the window, ARGV[1] the limit.
+_COUNT = count_lua("KEYS[1]", "ARGV[1]") + "return {'ok', rate_count}\n"
 
 
 @dataclass
@@ -68,13 +70,8 @@ class Charge:
         """Count the request now, unless it was; raises Throttled over the limit."""
         if self.counted:
             return
-        self.counted = True
-        self.check(int(self.script(keys=[self.key], args=[TTL_S])))
-
-    def check(self, count: int) -> None:
-        """Throttled when `count` (the request's count in its window) is over the limit."""
-        if count > self.per_min:
-            raise self.refusal()
+        key, limit = self.take()
+        check(self, self.script(keys=[key], args=[limit]))
 
     def refusal(self) -> Throttled:
         retry = (self.window + 1) * WINDOW_S - time.time()
@@ -86,3 +83,14 @@ class Charge:
 def register(r: Any) -> Any:
     """The count as a registered script (sent by SHA)."""
     return r.register_script(_COUNT)
+
+
+def window_of(charge: Charge | None) -> tuple[str, int]:
+    """What a script that counts the request is given (Charge.take), or no count at all (no key, limit 0)."""
+    return charge.take() if charge is not None else ("", 0)
+
+
+def check(charge: Charge | None, reply: list[Any]) -> None:
+    """Throttled when the script that took `charge` answered that the key is over its limit ({'rate', count})."""
+    if charge is not None and reply and reply[0] in (b"rate", "rate"):
+        raise charge.refusal()
