@@ -35,7 +35,8 @@ import httpx
 import redis
 
 from service.console.localstack import RedisServer, SeaweedS3, free_port, stop_process
-from service.contract.jobs import JobStore, redis_clock
+from service.contract.clock import redis_clock
+from service.contract.jobs import JobStore
 from service.contract.models import resolve_model
 from service.contract.settings import Settings
 from service.contract.storage import S3Storage

@@ -9,7 +9,8 @@ import redis
 from rq import Queue
 
 from service.contract import keys
-from service.contract.jobs import JobStore, plan_job, redis_clock
+from service.contract.clock import redis_clock
+from service.contract.jobs import JobStore, plan_job
 from service.contract.lifecycle import Lifecycle
 from service.contract.models import TINY
 from service.contract.recovery import Recovery

@@ -21,6 +21,7 @@ from typing import Any
 from redis.commands.core import CoreCommands
 
 from service.contract import keys, lineup, ratelimit
+from service.contract.clock import NOW_LUA
 from service.contract.idempotency import IDEMPOTENCY_TTL_S, IdempotencyKey
 from service.contract.jobs import JobStore, Live
 from service.contract.ratelimit import Charge
@@ -40,6 +41,7 @@ log = logging.getLogger(__name__)
 # so that the answer costs no second round trip), {'held', binding}, {'inflight'}, {'depth'}, {'rate', count}.
 _CREATE = (
     ratelimit.count_lua("KEYS[7]", "ARGV[13]")
+    + NOW_LUA
     + """
 local max_inflight, max_depth = tonumber(ARGV[1]), tonumber(ARGV[2])
 if ARGV[3] == '1' then
@@ -73,8 +75,6 @@ for _, gone in ipairs(old) do
   if redis.call('exists', ARGV[11] .. gone) == 0 then redis.call('zrem', KEYS[6], gone) end
 end
 redis.call('expire', KEYS[6], ARGV[12])
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local workers = redis.call('zcount', KEYS[9], now - tonumber(ARGV[14]), '+inf')
 return {'ok', redis.call('zrank', KEYS[3], id), redis.call('hgetall', KEYS[8]), workers}
 """

@@ -43,13 +43,6 @@ def connect_redis(settings: Settings) -> redis.Redis:
     )
 
 
-def redis_clock(conn: Any) -> float:
-    """Now on Redis's clock (unix seconds): the one clock that processes on different machines share. Liveness
-    and leases compare only times read from it, never one process's wall clock with another's."""
-    seconds, micros = conn.time()
-    return seconds + micros / 1e6
-
-
 def current_rq_id(conn: Any, video_id: str) -> str:
     """The RQ job that may run `video_id` now: the one its attempt hash names once it was requeued or redelivered,
     else the one enqueued with it, under its own id. `conn`: the connection, or a pipeline watching the hash."""

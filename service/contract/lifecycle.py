@@ -38,9 +38,10 @@ from typing import Any
 import redis
 
 from service.contract import deadlines, keys, lineup, usage, webhooks
+from service.contract.clock import redis_clock
 from service.contract.creation import Created, Creation, QueueFull
 from service.contract.idempotency import IdempotencyKey, bound_video_id
-from service.contract.jobs import JobStore, current_rq_id, new_rq_id, redis_clock
+from service.contract.jobs import JobStore, current_rq_id, new_rq_id
 from service.contract.ratelimit import Charge
 from service.contract.record import JobRecord
 from service.contract.run import Run

@@ -12,7 +12,8 @@ import time
 from typing import Any
 
 from service.contract import keys, lineup
-from service.contract.jobs import JobStore, current_rq_id, redis_clock, video_id_of
+from service.contract.clock import redis_clock
+from service.contract.jobs import JobStore, current_rq_id, video_id_of
 from service.contract.lifecycle import Lifecycle
 from service.contract.storage import Storage
 
@@ -69,7 +70,7 @@ class Recovery:
         milliseconds of taking it, so one still unstarted after a lease period was lost; a frozen worker that
         comes back later is refused by `start`, which only runs the video's current RQ job.
 
-        `now` is on Redis's clock (jobs.redis_clock): the janitor passes of different processes compare it only
+        `now` is on Redis's clock (clock.redis_clock): the janitor passes of different processes compare it only
         with what they noted on that clock before.
 
         An entry of the failed registry that needs nothing (its video started, ended, is gone, or runs under a

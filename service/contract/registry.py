@@ -11,14 +11,15 @@ from typing import Any
 from rq import Queue
 
 from service.contract import keys
+from service.contract.clock import NOW_LUA
 from service.contract.models import CATALOGUE, ModelSpec, find_spec
 from service.contract.settings import Settings
 
 # A worker's heartbeat and the count of a model's live workers, both on Redis's clock (TIME): each worker's score
 # is when Redis received its last beat, so a worker whose own clock is off is neither hidden nor kept online.
-_ANNOUNCE = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+_ANNOUNCE = (
+    NOW_LUA
+    + """
 redis.call('SET', KEYS[1], ARGV[1])
 redis.call('SET', KEYS[2], t[1], 'NX')
 redis.call('SADD', KEYS[3], ARGV[2])
@@ -27,15 +28,10 @@ redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now - tonumber(ARGV[4]))
 redis.call('ZADD', KEYS[5], now, ARGV[5])
 redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', now - tonumber(ARGV[4]))
 """
-_ONLINE = """
-local t = redis.call('TIME')
-return redis.call('ZCOUNT', KEYS[1], tonumber(t[1]) + tonumber(t[2]) / 1000000 - tonumber(ARGV[1]), '+inf')
-"""
+)
+_ONLINE = NOW_LUA + "return redis.call('ZCOUNT', KEYS[1], now - tonumber(ARGV[1]), '+inf')\n"
 # The parallel layouts of a model's pools with a beat inside the window, on Redis's clock like _ONLINE.
-_LAYOUTS = """
-local t = redis.call('TIME')
-return redis.call('ZRANGEBYSCORE', KEYS[1], tonumber(t[1]) + tonumber(t[2]) / 1000000 - tonumber(ARGV[1]), '+inf')
-"""
+_LAYOUTS = NOW_LUA + "return redis.call('ZRANGEBYSCORE', KEYS[1], now - tonumber(ARGV[1]), '+inf')\n"
 
 
 class Registry:

@@ -29,6 +29,7 @@ from pydantic import BaseModel
 from standardwebhooks import Webhook
 
 from service.contract import keys
+from service.contract.clock import NOW_LUA
 
 log = logging.getLogger(__name__)
 
@@ -167,10 +168,7 @@ def delivery_key(delivery_id: str) -> str:
 
 
 # Due at once on Redis's clock, which the deliverers compare due times with (the writer's own clock may be off).
-_DUE_NOW = """
-local t = redis.call('TIME')
-redis.call('ZADD', KEYS[1], tonumber(t[1]) + tonumber(t[2]) / 1000000, ARGV[1])
-"""
+_DUE_NOW = NOW_LUA + "redis.call('ZADD', KEYS[1], now, ARGV[1])\n"
 
 
 def queue_event(pipe: Any, video: dict, urls: list[str], now: float, record_ttl_s: int) -> None:

@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 import redis
 
 from service.contract import metrics
-from service.contract.jobs import redis_clock
+from service.contract.clock import redis_clock
 from service.contract.settings import Settings
 from service.contract.webhooks import DUE, Delivery, Signer, UnsafeURL, URLPolicy, backoff, delivery_key, now_s
 from service.delivery import webhook_http

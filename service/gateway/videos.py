@@ -7,8 +7,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from service.contract.clock import redis_clock
 from service.contract.idempotency import IdempotencyKey, replay
-from service.contract.jobs import INPUT_IMAGE, VARIANTS, JobRecord, JobStore, asset_key, plan_job, redis_clock
+from service.contract.jobs import INPUT_IMAGE, VARIANTS, JobRecord, JobStore, asset_key, plan_job
 from service.contract.lifecycle import Created, Lifecycle, QueueFull
 from service.contract.models import resolve_alias
 from service.contract.problems import Conflict, Gone, InvalidParameter, NotFound
