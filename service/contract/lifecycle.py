@@ -78,6 +78,14 @@ def publish_change(pipe: Any, rec: JobRecord, moved: bool = True) -> None:
     pipe.publish(keys.CHANGES, f"{rec.id} {rec.model}" if moved else rec.id)
 
 
+def _expired(snap: Snapshot, now: float) -> Move | None:
+    """queued -> failed (deadline_exceeded) when the job's deadline is past `now` (Redis's clock); else None."""
+    assert snap.record is not None
+    if not deadlines.passed(snap.record, now):
+        return None
+    return Move("expire", advanced(snap, "failed", error=deadlines.exceeded(snap.record, now)))
+
+
 class Lifecycle:
     def __init__(self, store: JobStore) -> None:
         self.store, self.r, self.settings = store, store.r, store.settings
@@ -137,10 +145,7 @@ class Lifecycle:
         due, or changed meanwhile: the janitor's next pass looks again)."""
 
         def plan(snap: Snapshot) -> Move | Outcome:
-            assert snap.record is not None
-            if not deadlines.passed(snap.record, now):
-                return Outcome.REFUSED
-            return Move("expire", advanced(snap, "failed", error=deadlines.exceeded(snap.record, now)))
+            return _expired(snap, now) or Outcome.REFUSED
 
         outcome, rec = self._transact(video_id, plan, edge="expire", retry=False)
         if outcome is not Outcome.DONE or rec is None:
@@ -202,10 +207,8 @@ class Lifecycle:
             if rq_id != snap.rq:
                 return Outcome.REFUSED
             assert snap.record is not None
-            if snap.record.deadline_at is not None:
-                now = redis_clock(self.r)
-                if deadlines.passed(snap.record, now):
-                    return Move("expire", advanced(snap, "failed", error=deadlines.exceeded(snap.record, now)))
+            if snap.record.deadline_at is not None and (late := _expired(snap, redis_clock(self.r))) is not None:
+                return late
             return Move("start", advanced(snap, "in_progress", worker=worker, **changes), token=token)
 
         outcome, rec = self._transact(video_id, plan, edge="start")
