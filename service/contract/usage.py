@@ -22,10 +22,12 @@ from service.contract.settings import Settings
 # The per-phase seconds of VideoUsage, as summed (HINCRBYFLOAT) and as the `phase` label of k5_usage_seconds.
 PHASES = ("text_encode", "denoise", "decode", "encode", "upload")
 OTHER = "other"
+# A day's totals are kept under its UTC date (keys.usage).
+DAY = "%Y%m%d"
 
 
 def day_of(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y%m%d")
+    return datetime.fromtimestamp(ts, UTC).strftime(DAY)
 
 
 def tenant(settings: Settings, owner: str) -> str:
@@ -73,7 +75,7 @@ def totals(r: Any, owner: str, start: float, end: float) -> UsageReport:
     first, days = days_between(start, end)
     with r.pipeline(transaction=False) as pipe:
         for i in range(days):
-            pipe.hgetall(keys.usage(owner, (first + timedelta(days=i)).strftime("%Y%m%d")))
+            pipe.hgetall(keys.usage(owner, (first + timedelta(days=i)).strftime(DAY)))
         replies = pipe.execute()
     sums: dict[str, float] = {}
     for reply in replies:
