@@ -180,6 +180,8 @@ class State:
 
 
 def commands(r: redis.Redis) -> dict[str, int]:
+    """The commands the server has run so far, by name (those inside scripts included), as INFO commandstats counts
+    them; INFO itself left out, as the counting asks for it."""
     return {k.removeprefix("cmdstat_"): v["calls"] for k, v in r.info("commandstats").items() if k != "cmdstat_info"}
 
 

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 
+from bench.gateway import commands
 from service.console.localstack import RedisServer
 from service.contract import keys
 from service.contract.jobs import JobStore, plan_job, video_id_of
@@ -27,11 +28,6 @@ BOUNDED = {
     "evalsha", "eval", "incr", "expire", "get", "mget", "set", "hgetall", "hget", "hset", "zcount", "zrank",
     "zrevrangebylex", "zrangebylex", "zrangebyscore", "zadd", "zcard", "scard", "sadd", "rpush", "linsert", "time",
 }  # fmt: skip
-
-
-def commands(r) -> dict[str, int]:
-    stats = r.info("commandstats")
-    return {k.removeprefix("cmdstat_"): v["calls"] for k, v in stats.items() if k != "cmdstat_info"}
 
 
 def cost(r, call) -> dict[str, int]:
